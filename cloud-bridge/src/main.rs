@@ -32,7 +32,11 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// Where the bridge keeps its identity and replica.
-    #[arg(long, env = "OUTPOST_DATA_DIR", default_value = "/var/lib/outpost-cloud")]
+    #[arg(
+        long,
+        env = "OUTPOST_DATA_DIR",
+        default_value = "/var/lib/outpost-cloud"
+    )]
     data_dir: PathBuf,
     /// UDP address the bridge's iroh endpoint listens on.
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:7700")]
@@ -49,6 +53,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
@@ -79,7 +85,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let endpoint = transport::bind(key, args.listen).await?;
     let me = PeerAddr {
         id: endpoint.id(),
-        addr: endpoint.bound_sockets().first().copied().unwrap_or(args.listen),
+        addr: endpoint
+            .bound_sockets()
+            .first()
+            .copied()
+            .unwrap_or(args.listen),
     };
     let addr_file = args.data_dir.join("peer-addr");
     std::fs::write(&addr_file, format!("{me}\n"))
@@ -119,17 +129,18 @@ async fn serve_edge(conn: iroh::endpoint::Connection) {
                 return;
             }
         };
-        let hello = match tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024)).await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(e)) => {
-                warn!(%edge, error = %e, "bad link check");
-                continue;
-            }
-            Err(_) => {
-                warn!(%edge, "link check timed out");
-                continue;
-            }
-        };
+        let hello =
+            match tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024)).await {
+                Ok(Ok(bytes)) => bytes,
+                Ok(Err(e)) => {
+                    warn!(%edge, error = %e, "bad link check");
+                    continue;
+                }
+                Err(_) => {
+                    warn!(%edge, "link check timed out");
+                    continue;
+                }
+            };
         tracing::debug!(%edge, hello = %String::from_utf8_lossy(&hello), "link check");
         if send.write_all(b"ok").await.is_err() || send.finish().is_err() {
             continue;

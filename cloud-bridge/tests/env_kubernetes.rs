@@ -21,12 +21,17 @@ async fn client() -> Client {
 async fn apiserver_is_ready_and_stores_a_pod() {
     let client = client().await;
 
-    let request = http::Request::get("/readyz").body(Vec::new()).expect("request");
+    let request = http::Request::get("/readyz")
+        .body(Vec::new())
+        .expect("request");
     let ready = client.request_text(request).await.expect("/readyz answers");
     assert_eq!(ready.trim(), "ok");
 
     let version = client.apiserver_version().await.expect("version");
-    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "37"));
+    assert_eq!(
+        (version.major.as_str(), version.minor.as_str()),
+        ("1", "37")
+    );
 
     let ns_name = unique_name("smoke");
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -34,7 +39,10 @@ async fn apiserver_is_ready_and_stores_a_pod() {
         "metadata": {"name": ns_name}
     }))
     .expect("namespace");
-    namespaces.create(&PostParams::default(), &ns).await.expect("create namespace");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns_name);
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -46,12 +54,17 @@ async fn apiserver_is_ready_and_stores_a_pod() {
         }
     }))
     .expect("pod");
-    pods.create(&PostParams::default(), &pod).await.expect("create pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
 
     let read = pods.get("smoke").await.expect("read pod back");
     let spec = read.spec.expect("spec");
     assert_eq!(spec.node_name.as_deref(), Some("outpost-smoke-nowhere"));
-    assert_eq!(spec.containers[0].image.as_deref(), Some("docker.io/outpost/busybox:1"));
+    assert_eq!(
+        spec.containers[0].image.as_deref(),
+        Some("docker.io/outpost/busybox:1")
+    );
     assert!(read.metadata.uid.is_some());
 
     namespaces

@@ -42,13 +42,16 @@ impl CriClient {
         let path = socket.as_ref().to_path_buf();
         let dial = path.clone();
         // The URI is required by tonic but unused: the connector dials the socket.
-        let channel = Endpoint::from_static("http://[::1]:50051")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let dial = dial.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(dial).await?)) }
-            }))
-            .await
-            .map_err(|source| ConnectError::Transport { path, source })?;
+        let channel =
+            Endpoint::from_static("http://[::1]:50051")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let dial = dial.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(dial).await?))
+                    }
+                }))
+                .await
+                .map_err(|source| ConnectError::Transport { path, source })?;
         Ok(Self {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),

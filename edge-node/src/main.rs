@@ -54,6 +54,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
@@ -70,7 +72,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let key = outpost_sync::identity::load_or_create(&args.data_dir)?;
     let endpoint = transport::bind(key, args.listen).await?;
     info!(%node, id = %endpoint.id(), cloud = %args.cloud, "edge agent started");
-    let link = tokio::spawn(keep_link(endpoint.clone(), args.cloud.clone(), node, args.heartbeat_s));
+    let link = tokio::spawn(keep_link(
+        endpoint.clone(),
+        args.cloud.clone(),
+        node,
+        args.heartbeat_s,
+    ));
     outpost_sync::signal::shutdown().await;
     info!("shutting down");
     link.abort();
@@ -84,7 +91,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn keep_link(endpoint: iroh::Endpoint, cloud: PeerAddr, node: String, heartbeat_s: u64) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match endpoint.connect(EndpointAddr::from(&cloud), SYNC_ALPN).await {
+        match endpoint
+            .connect(EndpointAddr::from(&cloud), SYNC_ALPN)
+            .await
+        {
             Ok(conn) => {
                 info!(cloud = %cloud.id, "connected to the cloud");
                 backoff = Duration::from_millis(500);
@@ -101,7 +111,9 @@ async fn keep_link(endpoint: iroh::Endpoint, cloud: PeerAddr, node: String, hear
                     tokio::time::sleep(Duration::from_secs(heartbeat_s)).await;
                 }
             }
-            Err(e) => warn!(reason = %e, retry_in_ms = backoff.as_millis() as u64, "cloud unreachable"),
+            Err(e) => {
+                warn!(reason = %e, retry_in_ms = backoff.as_millis() as u64, "cloud unreachable")
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -111,7 +123,8 @@ async fn keep_link(endpoint: iroh::Endpoint, cloud: PeerAddr, node: String, hear
 async fn check(conn: &iroh::endpoint::Connection, node: &str, n: u64) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(10), async {
         let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(format!("heartbeat {node} {n}").as_bytes()).await?;
+        send.write_all(format!("heartbeat {node} {n}").as_bytes())
+            .await?;
         send.finish()?;
         let reply = recv.read_to_end(64).await?;
         anyhow::ensure!(reply == b"ok", "unexpected reply");

@@ -13,11 +13,15 @@ async fn container_starts_and_stops_through_cri() {
     let socket = env_value("OUTPOST_CONTAINERD_SOCK").expect("test environment");
     let image = env_value("OUTPOST_IMAGE").expect("test environment");
     let log_root = env_value("OUTPOST_POD_LOG_DIR").expect("test environment");
-    let mut cri = CriClient::connect(&socket).await.expect("connect to containerd");
+    let mut cri = CriClient::connect(&socket)
+        .await
+        .expect("connect to containerd");
 
     let version = cri
         .runtime
-        .version(cri::VersionRequest { version: "v1".into() })
+        .version(cri::VersionRequest {
+            version: "v1".into(),
+        })
         .await
         .expect("version")
         .into_inner();
@@ -75,16 +79,29 @@ async fn container_starts_and_stops_through_cri() {
         .status
         .expect("sandbox status body");
     let ip = sandbox.network.map(|n| n.ip).unwrap_or_default();
-    assert!(ip.starts_with("10.244."), "pod got an address from CNI: {ip:?}");
+    assert!(
+        ip.starts_with("10.244."),
+        "pod got an address from CNI: {ip:?}"
+    );
 
     let container_id = cri
         .runtime
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: sandbox_id.clone(),
             config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata { name: "main".into(), attempt: 0 }),
-                image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
-                command: vec!["sh".into(), "-c".into(), "echo hello-from-outpost; exec sleep 30".into()],
+                metadata: Some(cri::ContainerMetadata {
+                    name: "main".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo hello-from-outpost; exec sleep 30".into(),
+                ],
                 log_path: "main/0.log".into(),
                 ..Default::default()
             }),
@@ -95,7 +112,9 @@ async fn container_starts_and_stops_through_cri() {
         .into_inner()
         .container_id;
     cri.runtime
-        .start_container(cri::StartContainerRequest { container_id: container_id.clone() })
+        .start_container(cri::StartContainerRequest {
+            container_id: container_id.clone(),
+        })
         .await
         .expect("start container");
 
@@ -130,15 +149,24 @@ async fn container_starts_and_stops_through_cri() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(log.contains(" stdout F hello-from-outpost"), "CRI log line in {log_path}: {log:?}");
+    assert!(
+        log.contains(" stdout F hello-from-outpost"),
+        "CRI log line in {log_path}: {log:?}"
+    );
 
     cri.runtime
-        .stop_container(cri::StopContainerRequest { container_id: container_id.clone(), timeout: 2 })
+        .stop_container(cri::StopContainerRequest {
+            container_id: container_id.clone(),
+            timeout: 2,
+        })
         .await
         .expect("stop container");
     let exited = cri
         .runtime
-        .container_status(cri::ContainerStatusRequest { container_id: container_id.clone(), verbose: false })
+        .container_status(cri::ContainerStatusRequest {
+            container_id: container_id.clone(),
+            verbose: false,
+        })
         .await
         .expect("container status")
         .into_inner()
@@ -151,17 +179,24 @@ async fn container_starts_and_stops_through_cri() {
         .await
         .expect("remove container");
     cri.runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sandbox_id.clone() })
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox_id.clone(),
+        })
         .await
         .expect("stop sandbox");
     cri.runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sandbox_id.clone() })
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox_id.clone(),
+        })
         .await
         .expect("remove sandbox");
     let left = cri
         .runtime
         .list_pod_sandbox(cri::ListPodSandboxRequest {
-            filter: Some(cri::PodSandboxFilter { id: sandbox_id, ..Default::default() }),
+            filter: Some(cri::PodSandboxFilter {
+                id: sandbox_id,
+                ..Default::default()
+            }),
         })
         .await
         .expect("list sandboxes")

@@ -24,11 +24,16 @@ async fn message_crosses_mosquitto() {
     let topic = format!("outpost/smoke/{}", unique_name("t"));
 
     let (subscriber, mut sub_loop) = client(&unique_name("sub"), &addr);
-    subscriber.subscribe(&topic, QoS::AtLeastOnce).await.expect("subscribe");
+    subscriber
+        .subscribe(&topic, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
     // Drive the subscriber until the broker acknowledged the subscription.
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await.expect("subscriber connection") {
+            if let Event::Incoming(Packet::SubAck(_)) =
+                sub_loop.poll().await.expect("subscriber connection")
+            {
                 break;
             }
         }
@@ -38,7 +43,12 @@ async fn message_crosses_mosquitto() {
 
     let (publisher, mut pub_loop) = client(&unique_name("pub"), &addr);
     publisher
-        .publish(&topic, QoS::AtLeastOnce, false, b"hello-from-outpost".to_vec())
+        .publish(
+            &topic,
+            QoS::AtLeastOnce,
+            false,
+            b"hello-from-outpost".to_vec(),
+        )
         .await
         .expect("publish");
     let publisher_task = tokio::spawn(async move {
@@ -51,7 +61,9 @@ async fn message_crosses_mosquitto() {
 
     let received = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            if let Event::Incoming(Packet::Publish(p)) = sub_loop.poll().await.expect("subscriber connection") {
+            if let Event::Incoming(Packet::Publish(p)) =
+                sub_loop.poll().await.expect("subscriber connection")
+            {
                 break p;
             }
         }

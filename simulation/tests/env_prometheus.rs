@@ -30,5 +30,8 @@ async fn prometheus_scrapes_and_answers_queries() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(body.contains("\"status\":\"success\""), "{body}");
-    assert!(body.contains("\"value\":[") && body.contains("\"1\"]"), "up == 1: {body}");
+    assert!(
+        body.contains("\"value\":[") && body.contains("\"1\"]"),
+        "up == 1: {body}"
+    );
 }

@@ -47,10 +47,14 @@ pub fn load_or_create(data_dir: &Path) -> Result<SecretKey, IdentityError> {
     };
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| IdentityError::Corrupt {
-                path: path.clone(),
-                len: bytes.len(),
-            })?;
+            let bytes: [u8; 32] =
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| IdentityError::Corrupt {
+                        path: path.clone(),
+                        len: bytes.len(),
+                    })?;
             Ok(SecretKey::from_bytes(&bytes))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -100,7 +104,10 @@ mod tests {
 
         std::fs::write(dir.join(KEY_FILE), b"short").expect("write");
         let err = load_or_create(&dir).expect_err("corrupt key");
-        assert!(matches!(err, IdentityError::Corrupt { len: 5, .. }), "{err}");
+        assert!(
+            matches!(err, IdentityError::Corrupt { len: 5, .. }),
+            "{err}"
+        );
         // The corrupt file is left for the operator, not replaced.
         assert_eq!(std::fs::read(dir.join(KEY_FILE)).expect("read"), b"short");
         let _ = std::fs::remove_dir_all(&dir);

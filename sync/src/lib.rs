@@ -20,5 +20,5 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_NAME"), " ", env!("CARGO_PKG_V
 pub mod test_utils;
 
 pub mod identity;
-pub mod transport;
 pub mod signal;
+pub mod transport;

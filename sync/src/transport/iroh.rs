@@ -111,7 +111,13 @@ mod tests {
         let text = format!("{id}@127.0.0.1:7700");
         let parsed: PeerAddr = text.parse().expect("valid");
         assert_eq!(parsed.to_string(), text);
-        for bad in ["", "nope", "@127.0.0.1:1", &format!("{id}@nowhere"), &format!("{id}127.0.0.1:1")] {
+        for bad in [
+            "",
+            "nope",
+            "@127.0.0.1:1",
+            &format!("{id}@nowhere"),
+            &format!("{id}127.0.0.1:1"),
+        ] {
             assert!(bad.parse::<PeerAddr>().is_err(), "{bad:?} must not parse");
         }
     }
@@ -129,7 +135,12 @@ mod tests {
             addr: a.bound_sockets()[0],
         };
         let server = tokio::spawn(async move {
-            let conn = a.accept().await.expect("incoming").await.expect("connection");
+            let conn = a
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("connection");
             let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
             let got = recv.read_to_end(64).await.expect("read");
             send.write_all(&got).await.expect("write");
@@ -137,7 +148,10 @@ mod tests {
             conn.closed().await;
             conn.remote_id()
         });
-        let conn = b.connect(EndpointAddr::from(&a_addr), SYNC_ALPN).await.expect("connect");
+        let conn = b
+            .connect(EndpointAddr::from(&a_addr), SYNC_ALPN)
+            .await
+            .expect("connect");
         let (mut send, mut recv) = conn.open_bi().await.expect("open");
         send.write_all(b"ping").await.expect("write");
         send.finish().expect("finish");
