@@ -1,6 +1,27 @@
 //! Outpost's device mappers.
 //!
-//! One driver trait (connect, read properties, write a property, health) with
-//! implementations for Modbus TCP and RTU, OPC UA and MQTT, property visitors
-//! as KubeEdge defines them, and KubeEdge's DMI gRPC interface so a mapper can
-//! run in-process or standalone. It owns no replicated state.
+//! What it is for: talking to industrial devices on an edge node. One driver
+//! trait ([`driver::Driver`]: connect, read properties, write a property,
+//! health) with implementations for Modbus TCP and RTU ([`modbus`]), OPC UA
+//! and MQTT; property visitors as KubeEdge's Device and DeviceModel define them
+//! ([`property`], [`modbus::visitor`]); one task per device with its own
+//! collect cycle, reconnect backoff and online/offline tracking ([`device`]);
+//! and KubeEdge's DMI gRPC interface so a mapper can run standalone beside an
+//! edge agent, or be hosted in-process by `outpost-edge`.
+//!
+//! What it owns: device connections and the last values read from them. It
+//! owns no replicated state: reported values and device states go to whoever
+//! hosts the drivers (the edge agent), which decides what to sync.
+//!
+//! What it must never do: let one device stall another, send a write that
+//! the DeviceModel refuses, reuse a connection after a timeout, or panic on
+//! what a device, a broker or a configuration sends it.
+
+pub mod backoff;
+pub mod config;
+pub mod device;
+pub mod driver;
+pub mod modbus;
+pub mod property;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;

@@ -1,13 +1,18 @@
 //! Smoke test of the test environment's pymodbus device: registers read over
 //! Modbus TCP, and over RTU framing on a TCP socket, with tokio-modbus.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 
 use outpost_sync::test_utils::env_value;
 use tokio_modbus::prelude::*;
 
 fn addr(key: &str) -> SocketAddr {
-    env_value(key).expect("test environment").parse().expect("socket address")
+    env_value(key)
+        .expect("test environment")
+        .parse()
+        .expect("socket address")
 }
 
 #[tokio::test]
@@ -20,10 +25,22 @@ async fn pymodbus_answers_register_reads() {
         .await
         .expect("transport")
         .expect("no exception");
-    assert_eq!(regs, vec![215, 3], "setpoint and fan speed of the simulated thermostat");
-    let inputs = ctx.read_input_registers(0, 1).await.expect("transport").expect("no exception");
+    assert_eq!(
+        regs,
+        vec![215, 3],
+        "setpoint and fan speed of the simulated thermostat"
+    );
+    let inputs = ctx
+        .read_input_registers(0, 1)
+        .await
+        .expect("transport")
+        .expect("no exception");
     assert_eq!(inputs, vec![204]);
-    let coils = ctx.read_coils(0, 1).await.expect("transport").expect("no exception");
+    let coils = ctx
+        .read_coils(0, 1)
+        .await
+        .expect("transport")
+        .expect("no exception");
     assert_eq!(coils, vec![true]);
     // Past the register map the device answers with an exception, not silence.
     let past = ctx.read_holding_registers(250, 1).await.expect("transport");

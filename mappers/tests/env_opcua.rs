@@ -1,6 +1,8 @@
 //! Smoke test of the test environment's asyncua device: an async-opcua
 //! client reads variables it serves.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use opcua::client::{ClientBuilder, IdentityToken};

@@ -1,0 +1,252 @@
+//! One task per device: connect with backoff, read every collect cycle, serve
+//! writes, report values and online/offline changes.
+//!
+//! Each device runs in its own tokio task with its own driver, so a device that
+//! hangs until its timeout, refuses connections or floods exceptions only
+//! delays itself. Reports go to a bounded channel: value reports are dropped
+//! (and counted in the log) when the consumer lags, since the next cycle brings
+//! fresher ones, while state changes wait for room because a lost "offline"
+//! would leave a stale state behind.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior, sleep_until};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::driver::{DeviceState, Driver, Health, Reading, WriteError};
+
+/// What a device task reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// Values read in one collect cycle, or changes pushed by the device.
+    Values {
+        /// The device id (`namespace/name`).
+        device: String,
+        /// The readings.
+        readings: Vec<Reading>,
+    },
+    /// The device went online or offline.
+    State {
+        /// The device id.
+        device: String,
+        /// The new state.
+        state: DeviceState,
+        /// The error that made it offline, if any.
+        error: Option<String>,
+    },
+}
+
+/// How a device task runs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Time between two reads of every property.
+    pub collect_cycle: Duration,
+    /// First reconnect delay.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Seed of the jitter (vary it per device).
+    pub seed: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            collect_cycle: Duration::from_secs(1),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            seed: 0,
+        }
+    }
+}
+
+enum Command {
+    Write {
+        property: String,
+        value: String,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
+}
+
+/// A running device task.
+#[derive(Debug)]
+pub struct DeviceHandle {
+    id: String,
+    commands: mpsc::Sender<Command>,
+    task: JoinHandle<()>,
+}
+
+/// The device task is gone.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("device {0} is not running")]
+pub struct Stopped(pub String);
+
+impl DeviceHandle {
+    /// The device id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Writes a property through the device's task (checked against the model
+    /// first). Waits for the device's answer or its timeout.
+    pub async fn write(
+        &self,
+        property: &str,
+        value: &str,
+    ) -> Result<Result<(), WriteError>, Stopped> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Write {
+                property: property.to_owned(),
+                value: value.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| Stopped(self.id.clone()))?;
+        answer.await.map_err(|_| Stopped(self.id.clone()))
+    }
+
+    /// Stops the task (the connection closes with it).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for DeviceHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a device's task.
+pub fn spawn<D: Driver + 'static>(
+    id: impl Into<String>,
+    driver: D,
+    config: RunConfig,
+    reports: mpsc::Sender<Report>,
+) -> DeviceHandle {
+    let id = id.into();
+    let (commands, inbox) = mpsc::channel(16);
+    let task = tokio::spawn(run(id.clone(), driver, config, reports, inbox));
+    DeviceHandle { id, commands, task }
+}
+
+async fn run<D: Driver>(
+    id: String,
+    mut driver: D,
+    config: RunConfig,
+    reports: mpsc::Sender<Report>,
+    mut inbox: mpsc::Receiver<Command>,
+) {
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_max, config.seed);
+    let mut changes = driver.take_changes();
+    let mut state = driver.health().state();
+    let mut tick = tokio::time::interval(config.collect_cycle.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut next_connect = Instant::now();
+    let mut dropped: u64 = 0;
+    loop {
+        if !driver.is_connected() && Instant::now() >= next_connect {
+            match driver.connect().await {
+                // The backoff is reset by a successful read, not by the
+                // connect: a device that accepts connections but never
+                // answers must still be retried ever more slowly.
+                Ok(()) => debug!(device = %id, "connected"),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    debug!(device = %id, error = %e, retry_in = ?delay, "connect failed");
+                    next_connect = Instant::now() + delay;
+                }
+            }
+            report_state(&id, driver.health().clone(), &mut state, &reports).await;
+        }
+        let connected = driver.is_connected();
+        tokio::select! {
+            _ = tick.tick(), if connected => {
+                match driver.read().await {
+                    Ok(readings) => {
+                        backoff.reset();
+                        if let Err(mpsc::error::TrySendError::Full(_)) =
+                            reports.try_send(Report::Values { device: id.clone(), readings })
+                        {
+                            dropped += 1;
+                            if dropped.is_power_of_two() {
+                                warn!(device = %id, dropped, "report consumer lags; value reports dropped");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        debug!(device = %id, error = %e, retry_in = ?delay, "read failed");
+                        next_connect = Instant::now() + delay;
+                    }
+                }
+                report_state(&id, driver.health().clone(), &mut state, &reports).await;
+            }
+            () = sleep_until(next_connect), if !connected => {}
+            change = recv_change(&mut changes) => {
+                match change {
+                    Some(reading) => {
+                        let _ = reports.try_send(Report::Values { device: id.clone(), readings: vec![reading] });
+                    }
+                    None => changes = None,
+                }
+            }
+            command = inbox.recv() => {
+                let Some(Command::Write { property, value, reply }) = command else {
+                    debug!(device = %id, "handle dropped; stopping");
+                    return;
+                };
+                let result = if driver.is_connected() {
+                    driver.write(&property, &value).await
+                } else {
+                    // Check the value anyway, so a bad write is refused
+                    // for what it is rather than for the connection.
+                    match driver.properties().iter().find(|p| p.name == property) {
+                        None => Err(WriteError::UnknownProperty(property)),
+                        Some(p) => p.check_write(&value).map_err(WriteError::from).and(Err(WriteError::NotConnected)),
+                    }
+                };
+                let _ = reply.send(result);
+                report_state(&id, driver.health().clone(), &mut state, &reports).await;
+            }
+        }
+    }
+}
+
+async fn recv_change(changes: &mut Option<mpsc::Receiver<Reading>>) -> Option<Reading> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn report_state(
+    id: &str,
+    health: Health,
+    last: &mut DeviceState,
+    reports: &mpsc::Sender<Report>,
+) {
+    let now = health.state();
+    if now == *last {
+        return;
+    }
+    *last = now;
+    let error = health.last_error().map(str::to_owned);
+    match now {
+        DeviceState::Offline => {
+            warn!(device = %id, error = error.as_deref().unwrap_or(""), "offline")
+        }
+        _ => info!(device = %id, state = now.as_str(), "state changed"),
+    }
+    let _ = reports
+        .send(Report::State {
+            device: id.to_owned(),
+            state: now,
+            error,
+        })
+        .await;
+}
