@@ -64,8 +64,14 @@ is_running() {
 start_bg() {
   local name=$1; shift
   mkdir -p "$OUTPOST_LOGS" "$OUTPOST_PIDS"
-  setsid "$@" >>"$OUTPOST_LOGS/$name.log" 2>&1 < /dev/null &
-  echo $! > "$OUTPOST_PIDS/$name.pid"
+  # The service writes its own pid before it execs: setsid may fork, so $!
+  # is not always the service's pid.
+  local pidfile=$OUTPOST_PIDS/$name.pid
+  rm -f "$pidfile"
+  setsid bash -c 'echo $$ > "$0"; exec "$@"' "$pidfile" "$@" >>"$OUTPOST_LOGS/$name.log" 2>&1 < /dev/null &
+  local i
+  for i in $(seq 1 50); do [[ -s $pidfile ]] && return 0; sleep 0.05; done
+  die "$name did not start (log: $OUTPOST_LOGS/$name.log)"
 }
 
 # stop_bg NAME: stops a service started by start_bg, politely then firmly.
@@ -100,6 +106,14 @@ wait_for() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# port_free NAME PORT: fails with a clear message when something else already
+# listens on a port a service is about to take.
+port_free() {
+  if port_open "$2"; then
+    die "cannot start $1: 127.0.0.1:$2 is already in use by another process (ss -ltnp 'sport = :$2' shows which)"
+  fi
+}
 
 # env_set KEY VALUE: records a fact about the running environment in the env
 # file that tests and the main command read.

@@ -77,8 +77,11 @@ containerd_up() {
 # containers and a pause image whose entrypoint sleeps until it is signalled.
 containerd_image() {
   local c=(ctr --address "$CTRD_SOCK" -n k8s.io)
-  if "${c[@]}" images ls -q | grep -qx "$OUTPOST_PAUSE_IMAGE" \
-     && "${c[@]}" images ls -q | grep -qx "$OUTPOST_IMAGE"; then
+  # Listed into a variable first: `ctr | grep -q` fails under pipefail when
+  # grep stops reading early.
+  local present
+  present=$("${c[@]}" images ls -q) || return 1
+  if grep -qx "$OUTPOST_PAUSE_IMAGE" <<<"$present" && grep -qx "$OUTPOST_IMAGE" <<<"$present"; then
     return 0
   fi
   [[ -x /bin/busybox ]] || die "busybox missing (apt-get install busybox-static)"
@@ -123,7 +126,8 @@ containerd_image() {
   "${c[@]}" images import --all-platforms "$work/images.tar" >"$OUTPOST_LOGS/image-import.log" 2>&1 \
     || { cat "$OUTPOST_LOGS/image-import.log" >&2; rm -rf "$work"; return 1; }
   rm -rf "$work"
-  "${c[@]}" images ls -q | grep -qx "$OUTPOST_PAUSE_IMAGE" || die "pause image missing after import"
+  present=$("${c[@]}" images ls -q) || return 1
+  grep -qx "$OUTPOST_PAUSE_IMAGE" <<<"$present" || die "pause image missing after import"
 }
 
 containerd_down() {

@@ -94,6 +94,7 @@ _https_ready() { curl -fsSk "https://127.0.0.1:$1/healthz"; }
 k8s_up() {
   k8s_pki
   if ! is_running etcd; then
+    port_free etcd "$ETCD_CLIENT_PORT"
     start_bg etcd etcd --name outpost-test --data-dir "$K8S_DIR/etcd" \
       --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
       --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
@@ -104,6 +105,7 @@ k8s_up() {
   fi
   wait_for etcd 60 _etcd_ready
   if ! is_running kube-apiserver; then
+    port_free kube-apiserver "$APISERVER_PORT"
     start_bg kube-apiserver kube-apiserver \
       --etcd-servers "http://127.0.0.1:$ETCD_CLIENT_PORT" \
       --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \

@@ -19,7 +19,7 @@ log_dest stdout
 log_type error
 log_type warning
 CONF
-  is_running mosquitto || start_bg mosquitto mosquitto -c "$dir/mosquitto.conf"
+  is_running mosquitto || { port_free mosquitto "$MQTT_PORT"; start_bg mosquitto mosquitto -c "$dir/mosquitto.conf"; }
   wait_for mosquitto 20 port_open "$MQTT_PORT"
   env_set OUTPOST_MQTT_ADDR "127.0.0.1:$MQTT_PORT"
 }
