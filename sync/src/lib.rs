@@ -19,6 +19,34 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_NAME"), " ", env!("CARGO_PKG_V
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 
+pub mod document;
+pub mod hlc;
 pub mod identity;
+pub mod replica;
 pub mod signal;
+pub mod store;
 pub mod transport;
+
+/// A peer's identity: its iroh public key, 32 bytes.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct PeerId(pub [u8; 32]);
+
+impl std::fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerId({})", &hex::encode(self.0)[..10])
+    }
+}
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl From<iroh::PublicKey> for PeerId {
+    fn from(key: iroh::PublicKey) -> Self {
+        PeerId(*key.as_bytes())
+    }
+}

@@ -1,0 +1,578 @@
+//! A replica: the documents one peer holds, on its event store, with a
+//! bounded cache of loaded documents.
+//!
+//! Writes go through [`Replica::write_json`] (or the typed [`Replica::write`]):
+//! the new value is diffed against the document (automerge's
+//! `update_object`), so an unchanged object produces no change at all.
+//! Every change is persisted, with the index, in one atomic batch before the
+//! call returns. Changes from peers go through [`Replica::apply`], in batches.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+
+use automerge::transaction::Transactable;
+use automerge::{
+    ActorId, AutoCommit, AutoSerde, Change, ChangeHash, ReadDoc, hydrate,
+    transaction::CommitOptions,
+};
+use lru::LruCache;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+
+use crate::PeerId;
+use crate::document::DocId;
+use crate::hlc::{Clock, Hlc};
+use crate::store::{IndexEntry, Store, StoreError, StoreOptions, sorted_heads};
+
+/// Errors of replica operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A value to write is not a JSON object (documents are maps at the root).
+    #[error("document {doc}: the value must be a JSON object at the root, got {found}")]
+    NotAnObject {
+        /// The document.
+        doc: DocId,
+        /// What was given instead.
+        found: &'static str,
+    },
+    /// A value could not be converted to or from JSON.
+    #[error("document {doc}: {reason}")]
+    Serde {
+        /// The document.
+        doc: DocId,
+        /// Why.
+        reason: String,
+    },
+    /// automerge refused an operation.
+    #[error("document {doc}: {reason}")]
+    Automerge {
+        /// The document.
+        doc: DocId,
+        /// What automerge said.
+        reason: String,
+    },
+    /// A change received from a peer does not decode.
+    #[error("document {doc}: malformed change: {reason}")]
+    MalformedChange {
+        /// The document.
+        doc: DocId,
+        /// Why it does not decode.
+        reason: String,
+    },
+}
+
+/// Tuning of a replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// The event store's options.
+    pub store: StoreOptions,
+    /// Documents kept loaded in memory at most.
+    pub cache_docs: NonZeroUsize,
+    /// Rolling documents start a new generation after this many changes.
+    pub rollover_after_changes: u64,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        Self {
+            store: StoreOptions::default(),
+            cache_docs: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+            rollover_after_changes: 64,
+        }
+    }
+}
+
+/// What applying a peer's changes did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// Changes that were new to this replica.
+    pub new_changes: usize,
+    /// The document's generation and heads afterwards.
+    pub entry: IndexEntry,
+    /// Some changes wait for dependencies this replica lacks.
+    pub missing_deps: bool,
+    /// The changes were of an older generation and were ignored.
+    pub stale: bool,
+    /// Commit times (ms) of the new changes, for lag measurement.
+    pub commit_times_ms: Vec<i64>,
+}
+
+struct Loaded {
+    doc: AutoCommit,
+    entry: IndexEntry,
+}
+
+const META_INCARNATION: &[u8] = b"incarnation";
+const META_CLOCK: &[u8] = b"clock";
+
+/// The documents of one peer.
+pub struct Replica {
+    store: Store,
+    cache: LruCache<DocId, Loaded>,
+    me: PeerId,
+    actor: ActorId,
+    clock: Clock,
+    options: ReplicaOptions,
+    events: broadcast::Sender<DocId>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("me", &self.me)
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+/// The identity that wrote a change: the first 32 bytes of its actor id.
+pub fn change_author(change: &Change) -> Option<PeerId> {
+    let bytes = change.actor_id().to_bytes();
+    bytes
+        .get(..32)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(PeerId)
+}
+
+impl Replica {
+    /// Opens the replica in `dir` for the peer `me`. Each opening is a new
+    /// incarnation with its own automerge actor, so a replica that lost
+    /// unsynced data in a crash never reuses a sequence number.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        me: PeerId,
+        options: ReplicaOptions,
+    ) -> Result<Self, ReplicaError> {
+        let store = Store::open(dir, options.store.clone())?;
+        let incarnation = store
+            .meta(META_INCARNATION)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+            + 1;
+        store.put_meta(META_INCARNATION, &incarnation.to_le_bytes())?;
+        let last: Hlc = store
+            .meta(META_CLOCK)?
+            .and_then(|b| postcard::from_bytes(&b).ok())
+            .unwrap_or_default();
+        let mut actor = me.0.to_vec();
+        actor.extend_from_slice(&incarnation.to_le_bytes());
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            store,
+            cache: LruCache::new(options.cache_docs),
+            me,
+            actor: ActorId::from(actor),
+            clock: Clock::starting_after(last),
+            options,
+            events,
+        })
+    }
+
+    /// This replica's peer identity.
+    pub fn me(&self) -> PeerId {
+        self.me
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Documents currently loaded in memory.
+    pub fn cached_docs(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Ids of changed documents as they are persisted (local writes and
+    /// applied peer changes). A slow receiver loses events (`Lagged`) and
+    /// should then re-read the index.
+    pub fn subscribe(&self) -> broadcast::Receiver<DocId> {
+        self.events.subscribe()
+    }
+
+    /// The hybrid logical clock's next timestamp.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Hlc, ReplicaError> {
+        let t = self.clock.tick(now_ms);
+        self.store
+            .put_meta(META_CLOCK, &postcard::to_allocvec(&t).unwrap_or_default())?;
+        Ok(t)
+    }
+
+    /// Folds a timestamp seen in a peer's write into the clock.
+    pub fn observe(&mut self, seen: Hlc) {
+        self.clock.observe(seen);
+    }
+
+    fn load(&mut self, doc: &DocId) -> Result<Option<&mut Loaded>, ReplicaError> {
+        if !self.cache.contains(doc) {
+            let Some((mut am, entry)) = self.store.load(doc)? else {
+                return Ok(None);
+            };
+            am.set_actor(self.actor.clone());
+            self.cache.put(doc.clone(), Loaded { doc: am, entry });
+        }
+        Ok(self.cache.get_mut(doc))
+    }
+
+    /// The index entry of a document (generation, heads), if the replica has it.
+    pub fn entry(&mut self, doc: &DocId) -> Result<Option<IndexEntry>, ReplicaError> {
+        if let Some(loaded) = self.cache.peek(doc) {
+            return Ok(Some(loaded.entry.clone()));
+        }
+        Ok(self.store.index(doc)?)
+    }
+
+    /// Every document and its index entry, in id order, from the store.
+    pub fn scan(&self) -> impl Iterator<Item = Result<(DocId, IndexEntry), StoreError>> + '_ {
+        self.store.scan_index()
+    }
+
+    /// Reads a document as JSON. `None` when the replica does not have it.
+    pub fn read_json(&mut self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
+        let id = doc.clone();
+        let Some(loaded) = self.load(doc)? else {
+            return Ok(None);
+        };
+        serde_json::to_value(AutoSerde::from(&loaded.doc))
+            .map(Some)
+            .map_err(|e| ReplicaError::Serde {
+                doc: id,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Reads a document into a typed value.
+    pub fn read<T: DeserializeOwned>(&mut self, doc: &DocId) -> Result<Option<T>, ReplicaError> {
+        match self.read_json(doc)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_value(v)
+                .map(Some)
+                .map_err(|e| ReplicaError::Serde {
+                    doc: doc.clone(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Writes a typed value as the whole document (diffed: unchanged fields
+    /// produce no operations).
+    pub fn write<T: Serialize>(
+        &mut self,
+        doc: &DocId,
+        value: &T,
+        now_ms: u64,
+    ) -> Result<Option<ChangeHash>, ReplicaError> {
+        let json = serde_json::to_value(value).map_err(|e| ReplicaError::Serde {
+            doc: doc.clone(),
+            reason: e.to_string(),
+        })?;
+        self.write_json(doc, &json, now_ms)
+    }
+
+    /// Writes a JSON object as the whole document. Returns the new change's
+    /// hash, or `None` when nothing changed. The change is persisted before
+    /// this returns.
+    pub fn write_json(
+        &mut self,
+        doc: &DocId,
+        value: &serde_json::Value,
+        now_ms: u64,
+    ) -> Result<Option<ChangeHash>, ReplicaError> {
+        let serde_json::Value::Object(map) = value else {
+            return Err(ReplicaError::NotAnObject {
+                doc: doc.clone(),
+                found: json_kind(value),
+            });
+        };
+        let root = hydrate::Value::Map(json_map(map));
+        let actor = self.actor.clone();
+        let rollover_after = self.options.rollover_after_changes;
+        if self.load(doc)?.is_none() {
+            let mut am = AutoCommit::new();
+            am.set_actor(actor);
+            self.cache.put(
+                doc.clone(),
+                Loaded {
+                    doc: am,
+                    entry: IndexEntry::default(),
+                },
+            );
+        }
+        let Some(loaded) = self.cache.get_mut(doc) else {
+            return Ok(None);
+        };
+        let am_err = |e: &dyn std::fmt::Display| ReplicaError::Automerge {
+            doc: doc.clone(),
+            reason: e.to_string(),
+        };
+        loaded
+            .doc
+            .update_object(automerge::ROOT, &root)
+            .map_err(|e| am_err(&e))?;
+        let Some(hash) = loaded
+            .doc
+            .commit_with(CommitOptions::default().with_time(now_ms as i64))
+        else {
+            return Ok(None);
+        };
+        let mut entry = loaded.entry.clone();
+        entry.heads = sorted_heads(&loaded.doc.get_heads());
+        entry.changes += 1;
+        if doc.kind().rolls_over() && entry.changes > rollover_after {
+            // A new generation holding only the current values.
+            let mut fresh = AutoCommit::new();
+            fresh.set_actor(self.actor.clone());
+            fresh
+                .update_object(automerge::ROOT, &root)
+                .map_err(|e| am_err(&e))?;
+            let Some(hash) = fresh.commit_with(CommitOptions::default().with_time(now_ms as i64))
+            else {
+                return Ok(None);
+            };
+            entry.generation += 1;
+            entry.changes = 1;
+            entry.heads = sorted_heads(&fresh.get_heads());
+            let saved = fresh.save();
+            self.store.replace(doc, &mut entry, &saved)?;
+            self.cache.put(doc.clone(), Loaded { doc: fresh, entry });
+            let _ = self.events.send(doc.clone());
+            return Ok(Some(hash));
+        }
+        let Some(change) = loaded.doc.get_change_by_hash(&hash) else {
+            return Err(am_err(&"committed change not found"));
+        };
+        let bytes = change.raw_bytes().to_vec();
+        let doc_ref = &mut loaded.doc;
+        self.store
+            .append(doc, &mut entry, &[bytes], || doc_ref.save())?;
+        loaded.entry = entry;
+        let _ = self.events.send(doc.clone());
+        Ok(Some(hash))
+    }
+
+    /// The changes a peer lacks, given the generation and heads it has.
+    /// Returns this replica's generation and the changes' bytes; empty when
+    /// the peer is up to date or ahead.
+    pub fn changes_for(
+        &mut self,
+        doc: &DocId,
+        their_generation: u64,
+        their_heads: &[[u8; 32]],
+        acked_heads: &[[u8; 32]],
+    ) -> Result<(u64, Vec<Vec<u8>>), ReplicaError> {
+        let Some(loaded) = self.load(doc)? else {
+            return Ok((0, Vec::new()));
+        };
+        let generation = loaded.entry.generation;
+        if their_generation > generation {
+            return Ok((generation, Vec::new()));
+        }
+        let have: Vec<ChangeHash> = if their_generation < generation {
+            Vec::new() // a newer generation: all of it
+        } else {
+            // Their heads we know are exact; those we do not know mean they
+            // have changes we lack, so fall back to what they acknowledged.
+            let mut known: Vec<ChangeHash> = Vec::new();
+            let mut all_known = true;
+            for h in their_heads {
+                let hash = ChangeHash(*h);
+                if loaded.doc.get_change_by_hash(&hash).is_some() {
+                    known.push(hash);
+                } else {
+                    all_known = false;
+                }
+            }
+            if !all_known {
+                for h in acked_heads {
+                    let hash = ChangeHash(*h);
+                    if loaded.doc.get_change_by_hash(&hash).is_some() && !known.contains(&hash) {
+                        known.push(hash);
+                    }
+                }
+            }
+            known
+        };
+        let changes = loaded.doc.get_changes(&have);
+        Ok((
+            generation,
+            changes
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect(),
+        ))
+    }
+
+    /// Applies a batch of a peer's changes to a document and persists them
+    /// in one atomic write. Changes of an older generation are ignored; a
+    /// newer generation replaces the document. Nothing is stored when any
+    /// change is malformed.
+    pub fn apply(
+        &mut self,
+        doc: &DocId,
+        generation: u64,
+        changes: &[Vec<u8>],
+    ) -> Result<Applied, ReplicaError> {
+        let mut decoded = Vec::with_capacity(changes.len());
+        for bytes in changes {
+            decoded.push(Change::from_bytes(bytes.clone()).map_err(|e| {
+                ReplicaError::MalformedChange {
+                    doc: doc.clone(),
+                    reason: e.to_string(),
+                }
+            })?);
+        }
+        let actor = self.actor.clone();
+        let current = self.load(doc)?.map(|l| l.entry.generation);
+        let am_err = |e: automerge::AutomergeError| ReplicaError::Automerge {
+            doc: doc.clone(),
+            reason: e.to_string(),
+        };
+        match current {
+            Some(g) if generation < g => {
+                let entry = self.entry(doc)?.unwrap_or_default();
+                return Ok(Applied {
+                    stale: true,
+                    entry,
+                    ..Default::default()
+                });
+            }
+            Some(g) if generation == g => {}
+            _ => {
+                // A document or a generation new to this replica.
+                let mut am = AutoCommit::new();
+                am.set_actor(actor);
+                let times = decoded.iter().map(Change::timestamp).collect();
+                let n = decoded.len();
+                am.apply_changes_batch(decoded).map_err(am_err)?;
+                let mut entry = IndexEntry {
+                    generation,
+                    heads: sorted_heads(&am.get_heads()),
+                    changes: n as u64,
+                    ..Default::default()
+                };
+                let missing_deps = !am.get_missing_deps(&[]).is_empty();
+                let saved = am.save();
+                self.store.replace(doc, &mut entry, &saved)?;
+                self.cache.put(
+                    doc.clone(),
+                    Loaded {
+                        doc: am,
+                        entry: entry.clone(),
+                    },
+                );
+                let _ = self.events.send(doc.clone());
+                return Ok(Applied {
+                    new_changes: n,
+                    entry,
+                    missing_deps,
+                    stale: false,
+                    commit_times_ms: times,
+                });
+            }
+        }
+        let Some(loaded) = self.cache.get_mut(doc) else {
+            return Ok(Applied::default());
+        };
+        let fresh: Vec<Change> = decoded
+            .into_iter()
+            .filter(|c| loaded.doc.get_change_by_hash(&c.hash()).is_none())
+            .collect();
+        if fresh.is_empty() {
+            let missing_deps = !loaded.doc.get_missing_deps(&[]).is_empty();
+            return Ok(Applied {
+                entry: loaded.entry.clone(),
+                missing_deps,
+                ..Default::default()
+            });
+        }
+        let bytes: Vec<Vec<u8>> = fresh.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let times: Vec<i64> = fresh.iter().map(Change::timestamp).collect();
+        let n = fresh.len();
+        loaded.doc.apply_changes_batch(fresh).map_err(am_err)?;
+        let mut entry = loaded.entry.clone();
+        entry.heads = sorted_heads(&loaded.doc.get_heads());
+        entry.changes += n as u64;
+        let missing_deps = !loaded.doc.get_missing_deps(&[]).is_empty();
+        let doc_ref = &mut loaded.doc;
+        self.store
+            .append(doc, &mut entry, &bytes, || doc_ref.save())?;
+        loaded.entry = entry.clone();
+        let _ = self.events.send(doc.clone());
+        Ok(Applied {
+            new_changes: n,
+            entry,
+            missing_deps,
+            stale: false,
+            commit_times_ms: times,
+        })
+    }
+
+    /// The authors (first 32 bytes of the actor) of encoded changes, for
+    /// access checks before applying. `None` when a change does not decode.
+    pub fn authors(changes: &[Vec<u8>]) -> Option<Vec<PeerId>> {
+        changes
+            .iter()
+            .map(|bytes| {
+                Change::from_bytes(bytes.clone())
+                    .ok()
+                    .and_then(|c| change_author(&c))
+            })
+            .collect()
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn json_map(map: &serde_json::Map<String, serde_json::Value>) -> hydrate::Map {
+    let entries: std::collections::HashMap<String, hydrate::Value> = map
+        .iter()
+        .map(|(k, v)| (k.clone(), json_value(v)))
+        .collect();
+    hydrate::Map::from(entries)
+}
+
+/// JSON to automerge: strings are scalar strings (atomic, last writer wins),
+/// never collaborative text; numbers keep their integer-ness.
+fn json_value(v: &serde_json::Value) -> hydrate::Value {
+    use automerge::ScalarValue;
+    match v {
+        serde_json::Value::Null => hydrate::Value::Scalar(ScalarValue::Null),
+        serde_json::Value::Bool(b) => hydrate::Value::Scalar(ScalarValue::Boolean(*b)),
+        serde_json::Value::Number(n) => hydrate::Value::Scalar(if let Some(i) = n.as_i64() {
+            ScalarValue::Int(i)
+        } else if let Some(u) = n.as_u64() {
+            ScalarValue::Uint(u)
+        } else {
+            ScalarValue::F64(n.as_f64().unwrap_or_default())
+        }),
+        serde_json::Value::String(s) => hydrate::Value::Scalar(ScalarValue::Str(s.as_str().into())),
+        serde_json::Value::Array(items) => hydrate::Value::List(hydrate::List::from(
+            items.iter().map(json_value).collect::<Vec<_>>(),
+        )),
+        serde_json::Value::Object(map) => hydrate::Value::Map(json_map(map)),
+    }
+}
+
+/// The JSON value of a document at the root (for tests and tools).
+pub fn doc_json(doc: &AutoCommit) -> serde_json::Value {
+    serde_json::to_value(AutoSerde::from(doc)).unwrap_or(serde_json::Value::Null)
+}
+
+/// Keys of the root map of a loaded document (used by tests).
+pub fn root_keys(doc: &AutoCommit) -> Vec<String> {
+    doc.keys(automerge::ROOT).collect()
+}

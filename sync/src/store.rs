@@ -1,0 +1,454 @@
+//! The event store: automerge changes on RocksDB.
+//!
+//! Column families:
+//! - `chunks`: `<doc id> 0x00 <change hash>` → the change's bytes, one per change;
+//! - `snapshots`: `<doc id> 0x00 <heads hash>` → a saved document (compaction's output);
+//! - `index`: `<doc id>` → [`IndexEntry`]: generation, heads, chunk count, snapshot;
+//! - `peers`: `<peer id> <doc id>` → what that peer acknowledged of the document;
+//! - `meta`: the replica's own facts (incarnation, clock).
+//!
+//! Every write of changes puts the chunks and the index entry in one atomic
+//! write batch, so a crash at any point leaves a store that loads, with every
+//! change whose write returned present. Document ids are printable ASCII, so
+//! `0x00` cannot occur inside one and `<doc id> 0x00` is an exact prefix.
+
+use std::path::{Path, PathBuf};
+
+use automerge::{AutoCommit, Change, ChangeHash};
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::document::DocId;
+
+const CF_CHUNKS: &str = "chunks";
+const CF_SNAPSHOTS: &str = "snapshots";
+const CF_INDEX: &str = "index";
+const CF_PEERS: &str = "peers";
+const CF_META: &str = "meta";
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"outpost-store-1";
+
+/// Errors of the event store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB failed (I/O, a lock held by another process, corruption it detected).
+    #[error("store {path}: {source}")]
+    Db {
+        /// The store's directory.
+        path: PathBuf,
+        /// What RocksDB said.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// Stored data does not decode. The store is left as it is for inspection.
+    #[error("store {path}: corrupt {what} for {doc}: {reason}")]
+    Corrupt {
+        /// The store's directory.
+        path: PathBuf,
+        /// The document concerned.
+        doc: String,
+        /// Which record.
+        what: &'static str,
+        /// Why it does not decode.
+        reason: String,
+    },
+    /// The directory holds something that is not an Outpost store.
+    #[error("{path} is not an Outpost store (format {found:?}); refusing to touch it")]
+    Format {
+        /// The store's directory.
+        path: PathBuf,
+        /// The format marker found.
+        found: String,
+    },
+}
+
+/// What the index knows of one document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct IndexEntry {
+    /// The document's generation. Rolling documents start a new one, holding
+    /// only current values, when their history grows; a higher generation
+    /// supersedes every lower one.
+    pub generation: u64,
+    /// The document's heads, sorted.
+    pub heads: Vec<[u8; 32]>,
+    /// Change chunks stored since the last snapshot.
+    pub chunks: u32,
+    /// The heads hash of the snapshot the chunks apply to, if any.
+    pub snapshot: Option<[u8; 32]>,
+    /// Changes in this generation (for roll-over decisions).
+    pub changes: u64,
+}
+
+impl IndexEntry {
+    /// The heads as automerge hashes.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.heads.iter().map(|h| ChangeHash(*h)).collect()
+    }
+
+    /// A digest of generation and heads: equal digests mean equal documents.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.generation.to_le_bytes());
+        for head in &self.heads {
+            hasher.update(head);
+        }
+        *hasher.finalize().as_bytes()
+    }
+}
+
+/// Sorted, raw heads of a document.
+pub fn sorted_heads(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
+    let mut raw: Vec<[u8; 32]> = heads.iter().map(|h| h.0).collect();
+    raw.sort_unstable();
+    raw
+}
+
+/// How the store writes.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// fsync the write-ahead log on every write. Without it a write survives
+    /// a crash of the process but not of the machine.
+    pub sync_writes: bool,
+    /// Fold change chunks into a snapshot once a document has this many.
+    pub compact_after_chunks: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            sync_writes: false,
+            compact_after_chunks: 64,
+        }
+    }
+}
+
+/// The RocksDB event store of one replica.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    options: StoreOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+fn chunk_prefix(doc: &DocId) -> Vec<u8> {
+    let mut key = doc.as_str().as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    // The prefix ends in 0x00; the next byte value bounds the range.
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last = 1;
+    }
+    end
+}
+
+impl Store {
+    /// Opens (or creates) the store in `path`.
+    pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_open_files(256);
+        db_opts.set_keep_log_file_num(4);
+        db_opts.set_max_total_wal_size(64 << 20);
+        db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = [CF_CHUNKS, CF_SNAPSHOTS, CF_INDEX, CF_PEERS, CF_META]
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db =
+            DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| StoreError::Db {
+                path: path.clone(),
+                source,
+            })?;
+        let store = Self { db, path, options };
+        match store.meta(FORMAT_KEY)? {
+            None => store.put_meta(FORMAT_KEY, FORMAT)?,
+            Some(found) if found == FORMAT => {}
+            Some(found) => {
+                return Err(StoreError::Format {
+                    path: store.path.clone(),
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                });
+            }
+        }
+        Ok(store)
+    }
+
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn db_err(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, doc: &DocId, what: &'static str, reason: impl ToString) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            doc: doc.to_string(),
+            what,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // The column families are created by `open`; a missing one is a bug.
+        #[allow(clippy::expect_used)]
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.options.sync_writes);
+        self.db.write_opt(batch, &opts).map_err(|e| self.db_err(e))
+    }
+
+    /// A replica fact from the `meta` family.
+    pub fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf(CF_META), key)
+            .map_err(|e| self.db_err(e))
+    }
+
+    /// Records a replica fact, durably (fsync) whatever the store's options.
+    pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), key, value);
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(|e| self.db_err(e))
+    }
+
+    /// The index entry of a document.
+    pub fn index(&self, doc: &DocId) -> Result<Option<IndexEntry>, StoreError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_INDEX), doc.as_str())
+            .map_err(|e| self.db_err(e))?
+        {
+            None => Ok(None),
+            Some(bytes) => postcard::from_bytes(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(doc, "index entry", e)),
+        }
+    }
+
+    /// Every document id and index entry, in id order.
+    pub fn scan_index(&self) -> impl Iterator<Item = Result<(DocId, IndexEntry), StoreError>> + '_ {
+        self.db
+            .iterator_cf(self.cf(CF_INDEX), IteratorMode::Start)
+            .map(move |item| {
+                let (key, value) = item.map_err(|e| self.db_err(e))?;
+                let text = String::from_utf8_lossy(&key).into_owned();
+                let doc: DocId =
+                    text.parse()
+                        .map_err(|e: crate::document::DocIdError| StoreError::Corrupt {
+                            path: self.path.clone(),
+                            doc: text.clone(),
+                            what: "index key",
+                            reason: e.to_string(),
+                        })?;
+                let entry = postcard::from_bytes(&value)
+                    .map_err(|e| self.corrupt(&doc, "index entry", e))?;
+                Ok((doc, entry))
+            })
+    }
+
+    /// Loads a document: its snapshot, then its change chunks. `None` when the
+    /// store has no such document.
+    pub fn load(&self, doc: &DocId) -> Result<Option<(AutoCommit, IndexEntry)>, StoreError> {
+        let Some(entry) = self.index(doc)? else {
+            return Ok(None);
+        };
+        let prefix = chunk_prefix(doc);
+        let mut am = match entry.snapshot {
+            Some(heads_hash) => {
+                let mut key = prefix.clone();
+                key.extend_from_slice(&heads_hash);
+                let bytes = self
+                    .db
+                    .get_cf(self.cf(CF_SNAPSHOTS), &key)
+                    .map_err(|e| self.db_err(e))?
+                    .ok_or_else(|| self.corrupt(doc, "snapshot", "missing"))?;
+                AutoCommit::load(&bytes).map_err(|e| self.corrupt(doc, "snapshot", e))?
+            }
+            None => AutoCommit::new(),
+        };
+        let mut changes = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_CHUNKS),
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item.map_err(|e| self.db_err(e))?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            changes.push(
+                Change::from_bytes(value.to_vec())
+                    .map_err(|e| self.corrupt(doc, "change chunk", e))?,
+            );
+        }
+        if !changes.is_empty() {
+            am.apply_changes_batch(changes)
+                .map_err(|e| self.corrupt(doc, "change chunk", e))?;
+        }
+        Ok(Some((am, entry)))
+    }
+
+    /// Appends changes of a document and its new index entry in one atomic
+    /// batch. When the document has accumulated enough chunks, `snapshot`
+    /// is called to fold them into a snapshot in the same batch.
+    pub fn append(
+        &self,
+        doc: &DocId,
+        entry: &mut IndexEntry,
+        changes: &[Vec<u8>],
+        snapshot: impl FnOnce() -> Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let prefix = chunk_prefix(doc);
+        entry.chunks = entry.chunks.saturating_add(changes.len() as u32);
+        if entry.chunks > self.options.compact_after_chunks {
+            self.put_snapshot(&mut batch, doc, entry, &snapshot());
+        } else {
+            for bytes in changes {
+                let hash: [u8; 32] = *blake3_change_hash(bytes).as_bytes();
+                let mut key = prefix.clone();
+                key.extend_from_slice(&hash);
+                batch.put_cf(self.cf(CF_CHUNKS), key, bytes);
+            }
+        }
+        self.put_index(&mut batch, doc, entry);
+        self.write(batch)
+    }
+
+    /// Replaces a document wholesale with a saved document: compaction, a
+    /// new generation, or a generation received from a peer.
+    pub fn replace(
+        &self,
+        doc: &DocId,
+        entry: &mut IndexEntry,
+        saved: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        self.put_snapshot(&mut batch, doc, entry, saved);
+        self.put_index(&mut batch, doc, entry);
+        self.write(batch)
+    }
+
+    fn put_snapshot(
+        &self,
+        batch: &mut WriteBatch,
+        doc: &DocId,
+        entry: &mut IndexEntry,
+        saved: &[u8],
+    ) {
+        let prefix = chunk_prefix(doc);
+        let end = prefix_end(&prefix);
+        batch.delete_range_cf(self.cf(CF_CHUNKS), &prefix, &end);
+        batch.delete_range_cf(self.cf(CF_SNAPSHOTS), &prefix, &end);
+        let heads_hash = *blake3::hash(&entry.heads.concat()).as_bytes();
+        let mut key = prefix;
+        key.extend_from_slice(&heads_hash);
+        batch.put_cf(self.cf(CF_SNAPSHOTS), key, saved);
+        entry.chunks = 0;
+        entry.snapshot = Some(heads_hash);
+    }
+
+    fn put_index(&self, batch: &mut WriteBatch, doc: &DocId, entry: &IndexEntry) {
+        // postcard cannot fail on this plain struct of integers and byte arrays.
+        let bytes = postcard::to_allocvec(entry).unwrap_or_default();
+        batch.put_cf(self.cf(CF_INDEX), doc.as_str(), bytes);
+    }
+
+    /// What `peer` acknowledged of `doc`: (generation, heads).
+    pub fn peer_ack(
+        &self,
+        peer: &[u8; 32],
+        doc: &DocId,
+    ) -> Result<Option<(u64, Vec<[u8; 32]>)>, StoreError> {
+        let mut key = peer.to_vec();
+        key.extend_from_slice(doc.as_str().as_bytes());
+        match self
+            .db
+            .get_cf(self.cf(CF_PEERS), key)
+            .map_err(|e| self.db_err(e))?
+        {
+            None => Ok(None),
+            Some(bytes) => postcard::from_bytes(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(doc, "peer state", e)),
+        }
+    }
+
+    /// Records what `peer` acknowledged of `doc`.
+    pub fn put_peer_ack(
+        &self,
+        peer: &[u8; 32],
+        doc: &DocId,
+        generation: u64,
+        heads: &[[u8; 32]],
+    ) -> Result<(), StoreError> {
+        let mut key = peer.to_vec();
+        key.extend_from_slice(doc.as_str().as_bytes());
+        let bytes = postcard::to_allocvec(&(generation, heads)).unwrap_or_default();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_PEERS), key, bytes);
+        self.write(batch)
+    }
+
+    /// Bytes the store occupies on disk (SST files and logs), for measurements.
+    pub fn disk_bytes(&self) -> u64 {
+        dir_size(&self.path)
+    }
+
+    /// Flushes memtables to SST files and compacts every family, so that
+    /// deleted data stops taking space (for measurements and maintenance).
+    pub fn flush_and_compact(&self) -> Result<(), StoreError> {
+        for name in [CF_CHUNKS, CF_SNAPSHOTS, CF_INDEX, CF_PEERS, CF_META] {
+            self.db
+                .flush_cf(self.cf(name))
+                .map_err(|e| self.db_err(e))?;
+            self.db
+                .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+}
+
+fn dir_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The key of a change chunk: a hash of its bytes (content addressing makes
+/// re-writing the same change idempotent).
+fn blake3_change_hash(bytes: &[u8]) -> blake3::Hash {
+    blake3::hash(bytes)
+}

@@ -1,0 +1,149 @@
+//! The replica and its event store: diffed writes, persistence across
+//! restarts, batched application of peer changes, generations.
+
+use outpost_sync::PeerId;
+use outpost_sync::document::{DocId, DocKind, Owner};
+use outpost_sync::replica::{Replica, ReplicaOptions};
+use serde_json::json;
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("outpost-replica-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn pod(name: &str) -> DocId {
+    DocId::new(
+        DocKind::PodSpec,
+        Owner::Node("edge-1"),
+        &["default", name, "uid"],
+    )
+    .unwrap()
+}
+
+#[test]
+fn unchanged_write_makes_no_change_and_state_survives_restart() {
+    let d = dir("restart");
+    let me = PeerId([1; 32]);
+    let doc = pod("web");
+    let value =
+        json!({"containers": [{"name": "main", "image": "busybox"}], "restartPolicy": "Always"});
+    {
+        let mut r = Replica::open(&d, me, ReplicaOptions::default()).unwrap();
+        assert!(r.write_json(&doc, &value, 1000).unwrap().is_some());
+        assert!(
+            r.write_json(&doc, &value, 1001).unwrap().is_none(),
+            "no change for an equal value"
+        );
+        let mut changed = value.clone();
+        changed["restartPolicy"] = json!("Never");
+        assert!(r.write_json(&doc, &changed, 1002).unwrap().is_some());
+    }
+    let mut r = Replica::open(&d, me, ReplicaOptions::default()).unwrap();
+    let back = r.read_json(&doc).unwrap().unwrap();
+    assert_eq!(back["restartPolicy"], json!("Never"));
+    assert_eq!(back["containers"][0]["image"], json!("busybox"));
+    assert_eq!(r.entry(&doc).unwrap().unwrap().changes, 2);
+    assert!(
+        r.write_json(&doc, &json!([1, 2]), 1003).is_err(),
+        "root must be an object"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn peer_changes_apply_in_batches_and_converge() {
+    let (da, db) = (dir("a"), dir("b"));
+    let mut a = Replica::open(&da, PeerId([1; 32]), ReplicaOptions::default()).unwrap();
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    let doc = DocId::new(
+        DocKind::DeviceDesired,
+        Owner::Node("edge-1"),
+        &["default", "thermo"],
+    )
+    .unwrap();
+    for i in 0..100 {
+        a.write_json(&doc, &json!({"props": {"temp": i.to_string()}}), 1000 + i)
+            .unwrap();
+    }
+    let (generation, changes) = a.changes_for(&doc, 0, &[], &[]).unwrap();
+    assert_eq!(changes.len(), 100);
+    let applied = b.apply(&doc, generation, &changes).unwrap();
+    assert_eq!(applied.new_changes, 100);
+    assert!(!applied.missing_deps);
+    // Duplicates are harmless.
+    assert_eq!(b.apply(&doc, generation, &changes).unwrap().new_changes, 0);
+    assert_eq!(
+        a.entry(&doc).unwrap().unwrap().heads,
+        b.entry(&doc).unwrap().unwrap().heads
+    );
+    // Concurrent edits merge.
+    a.write_json(&doc, &json!({"props": {"temp": "a"}, "x": 1}), 5000)
+        .unwrap();
+    b.write_json(&doc, &json!({"props": {"temp": "b"}, "y": 2}), 5001)
+        .unwrap();
+    let eb = b.entry(&doc).unwrap().unwrap();
+    let (g, to_b) = a.changes_for(&doc, eb.generation, &eb.heads, &[]).unwrap();
+    b.apply(&doc, g, &to_b).unwrap();
+    let ea = a.entry(&doc).unwrap().unwrap();
+    let (g, to_a) = b.changes_for(&doc, ea.generation, &ea.heads, &[]).unwrap();
+    a.apply(&doc, g, &to_a).unwrap();
+    assert_eq!(a.read_json(&doc).unwrap(), b.read_json(&doc).unwrap());
+    // Malformed input changes nothing.
+    let before = b.entry(&doc).unwrap();
+    assert!(
+        b.apply(&doc, g, &[vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]])
+            .is_err()
+    );
+    assert_eq!(b.entry(&doc).unwrap(), before);
+    let _ = std::fs::remove_dir_all(&da);
+    let _ = std::fs::remove_dir_all(&db);
+}
+
+#[test]
+fn rolling_documents_stay_bounded_and_newer_generations_win() {
+    let (da, db) = (dir("roll-a"), dir("roll-b"));
+    let opts = ReplicaOptions {
+        rollover_after_changes: 16,
+        ..Default::default()
+    };
+    let mut a = Replica::open(&da, PeerId([1; 32]), opts.clone()).unwrap();
+    let mut b = Replica::open(&db, PeerId([2; 32]), opts).unwrap();
+    let doc = DocId::new(
+        DocKind::DeviceReported,
+        Owner::Node("edge-1"),
+        &["default", "thermo"],
+    )
+    .unwrap();
+    let mut synced_generation = 0;
+    for i in 0..1000u64 {
+        a.write_json(
+            &doc,
+            &json!({"temp": (i % 50).to_string(), "ts": i}),
+            1000 + i,
+        )
+        .unwrap();
+        if i % 100 == 0 {
+            let eb = b.entry(&doc).unwrap().unwrap_or_default();
+            let (g, ch) = a.changes_for(&doc, eb.generation, &eb.heads, &[]).unwrap();
+            b.apply(&doc, g, &ch).unwrap();
+            synced_generation = g;
+        }
+    }
+    let ea = a.entry(&doc).unwrap().unwrap();
+    assert!(ea.generation > 50, "rolled over: {ea:?}");
+    assert!(ea.changes <= 17);
+    // An old generation arriving late is ignored.
+    let eb = b.entry(&doc).unwrap().unwrap();
+    let (g, ch) = a.changes_for(&doc, eb.generation, &eb.heads, &[]).unwrap();
+    b.apply(&doc, g, &ch).unwrap();
+    assert_eq!(a.read_json(&doc).unwrap(), b.read_json(&doc).unwrap());
+    assert!(
+        b.apply(&doc, synced_generation.saturating_sub(1), &[])
+            .unwrap()
+            .stale
+            || synced_generation == 0
+    );
+    let _ = std::fs::remove_dir_all(&da);
+    let _ = std::fs::remove_dir_all(&db);
+}
