@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 use tracing::{debug, info, warn};
@@ -148,13 +148,22 @@ async fn run<D: Driver>(
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut next_connect = Instant::now();
     let mut dropped: u64 = 0;
+    let mut link: Option<watch::Receiver<bool>> = None;
+    let mut upkeep = driver.maintenance_interval().map(|every| {
+        let mut t = tokio::time::interval(every.max(Duration::from_millis(1)));
+        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        t
+    });
     loop {
         if !driver.is_connected() && Instant::now() >= next_connect {
             match driver.connect().await {
                 // The backoff is reset by a successful read, not by the
                 // connect: a device that accepts connections but never
                 // answers must still be retried ever more slowly.
-                Ok(()) => debug!(device = %id, "connected"),
+                Ok(()) => {
+                    debug!(device = %id, "connected");
+                    link = driver.link();
+                }
                 Err(e) => {
                     let delay = backoff.next_delay();
                     debug!(device = %id, error = %e, retry_in = ?delay, "connect failed");
@@ -187,6 +196,20 @@ async fn run<D: Driver>(
                 report_state(&id, driver.health().clone(), &mut state, &reports).await;
             }
             () = sleep_until(next_connect), if !connected => {}
+            () = link_down(&mut link), if connected => {
+                let delay = backoff.next_delay();
+                debug!(device = %id, retry_in = ?delay, "connection lost");
+                next_connect = Instant::now() + delay;
+                link = None;
+            }
+            () = upkeep_tick(&mut upkeep), if connected => {
+                if let Err(e) = driver.maintain().await {
+                    let delay = backoff.next_delay();
+                    debug!(device = %id, error = %e, retry_in = ?delay, "upkeep failed");
+                    next_connect = Instant::now() + delay;
+                }
+                report_state(&id, driver.health().clone(), &mut state, &reports).await;
+            }
             change = recv_change(&mut changes) => {
                 match change {
                     Some(reading) => {
@@ -214,6 +237,24 @@ async fn run<D: Driver>(
                 report_state(&id, driver.health().clone(), &mut state, &reports).await;
             }
         }
+    }
+}
+
+async fn link_down(link: &mut Option<watch::Receiver<bool>>) {
+    match link {
+        Some(rx) => {
+            let _ = rx.wait_for(|up| !*up).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn upkeep_tick(upkeep: &mut Option<tokio::time::Interval>) {
+    match upkeep {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

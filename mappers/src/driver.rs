@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::property::{PropertySpec, Value, ValueError};
 
@@ -209,6 +209,23 @@ pub trait Driver: Send {
 
     /// Online/offline tracking, updated by every exchange.
     fn health(&self) -> &Health;
+
+    /// A watch of whether the connection is up, for drivers whose
+    /// connection can drop between requests (a session with its own event
+    /// loop); the device task reconnects as soon as it turns false.
+    fn link(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
+
+    /// How often [`Driver::maintain`] should run while connected, if at all.
+    fn maintenance_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Periodic upkeep between reads (such as a subscription watchdog).
+    fn maintain(&mut self) -> impl Future<Output = Result<(), ReadError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Change-driven values (OPC UA subscriptions, MQTT telemetry), if the
     /// driver has them; taken once by the task that runs the driver.
