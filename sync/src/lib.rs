@@ -50,3 +50,5 @@ impl From<iroh::PublicKey> for PeerId {
         PeerId(*key.as_bytes())
     }
 }
+pub mod access;
+pub mod protocol;

@@ -512,6 +512,14 @@ impl Replica {
         })
     }
 
+    /// Whether the replica holds a change of a document (in its current generation).
+    pub fn has_change(&mut self, doc: &DocId, hash: &ChangeHash) -> Result<bool, ReplicaError> {
+        Ok(match self.load(doc)? {
+            Some(loaded) => loaded.doc.get_change_by_hash(hash).is_some(),
+            None => false,
+        })
+    }
+
     /// The authors (first 32 bytes of the actor) of encoded changes, for
     /// access checks before applying. `None` when a change does not decode.
     pub fn authors(changes: &[Vec<u8>]) -> Option<Vec<PeerId>> {

@@ -103,6 +103,9 @@ pub fn sorted_heads(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
     raw
 }
 
+/// What a peer acknowledged of a document: its generation and heads.
+pub type PeerAck = (u64, Vec<[u8; 32]>);
+
 /// How the store writes.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -378,11 +381,7 @@ impl Store {
     }
 
     /// What `peer` acknowledged of `doc`: (generation, heads).
-    pub fn peer_ack(
-        &self,
-        peer: &[u8; 32],
-        doc: &DocId,
-    ) -> Result<Option<(u64, Vec<[u8; 32]>)>, StoreError> {
+    pub fn peer_ack(&self, peer: &[u8; 32], doc: &DocId) -> Result<Option<PeerAck>, StoreError> {
         let mut key = peer.to_vec();
         key.extend_from_slice(doc.as_str().as_bytes());
         match self

@@ -1,6 +1,8 @@
 //! The replica and its event store: diffed writes, persistence across
 //! restarts, batched application of peer changes, generations.
 
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
+
 use outpost_sync::PeerId;
 use outpost_sync::document::{DocId, DocKind, Owner};
 use outpost_sync::replica::{Replica, ReplicaOptions};

@@ -1,0 +1,138 @@
+//! Trust: who a peer is, what it may read and what it may write.
+//!
+//! Every peer is known by its iroh key. The roster maps keys to roles; a key
+//! not on the roster is refused. Scopes are functions of document ids (which
+//! name their owner, see [`crate::document`]):
+//! - the cloud reads everything and writes the kinds the cloud writes;
+//! - an edge reads the documents of its node and of its site, and writes the
+//!   kinds an owning edge writes, for its own node (or its site).
+//!
+//! A change is accepted only when its author (the identity in its actor id)
+//! may write the document, whichever peer delivered it: that is what lets an
+//! edge relay for another. Changes are not signed yet, so a peer that may
+//! deliver a document could forge authorship of a change to it; the roster
+//! is the boundary of trust until they are.
+
+use std::collections::HashMap;
+
+use crate::PeerId;
+use crate::document::{DocId, Owner, Writers};
+
+/// What a known peer is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A cloud bridge replica.
+    Cloud,
+    /// An edge node.
+    Edge {
+        /// The node's name.
+        node: String,
+        /// The site it belongs to, if any.
+        site: Option<String>,
+    },
+}
+
+/// The known peers and their roles.
+#[derive(Debug, Clone, Default)]
+pub struct Roster {
+    peers: HashMap<PeerId, Role>,
+}
+
+impl Roster {
+    /// An empty roster: every peer is unknown.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a peer.
+    pub fn insert(&mut self, peer: PeerId, role: Role) {
+        self.peers.insert(peer, role);
+    }
+
+    /// Removes a peer; it is unknown from then on.
+    pub fn remove(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+    }
+
+    /// The role of a peer, `None` for an unknown one.
+    pub fn role(&self, peer: &PeerId) -> Option<&Role> {
+        self.peers.get(peer)
+    }
+
+    fn owns(role: &Role, doc: &DocId) -> bool {
+        match (role, doc.owner()) {
+            (Role::Cloud, _) => false,
+            (Role::Edge { node, .. }, Owner::Node(owner)) => node == owner,
+            (Role::Edge { site, .. }, Owner::Site(owner)) => site.as_deref() == Some(owner),
+        }
+    }
+
+    /// May `peer` read `doc`?
+    pub fn may_read(&self, peer: &PeerId, doc: &DocId) -> bool {
+        match self.role(peer) {
+            None => false,
+            Some(Role::Cloud) => true,
+            Some(role) => Self::owns(role, doc),
+        }
+    }
+
+    /// May `author` write `doc`?
+    pub fn may_write(&self, author: &PeerId, doc: &DocId) -> bool {
+        let Some(role) = self.role(author) else {
+            return false;
+        };
+        let cloud = matches!(role, Role::Cloud);
+        match doc.kind().writers() {
+            Writers::Cloud => cloud,
+            Writers::OwningEdge => Self::owns(role, doc),
+            Writers::CloudAndOwningEdge => cloud || Self::owns(role, doc),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_follow_owners_and_kinds() {
+        let (cloud, e1, e2) = (PeerId([0; 32]), PeerId([1; 32]), PeerId([2; 32]));
+        let mut roster = Roster::new();
+        roster.insert(cloud, Role::Cloud);
+        roster.insert(
+            e1,
+            Role::Edge {
+                node: "edge-1".into(),
+                site: Some("north".into()),
+            },
+        );
+        roster.insert(
+            e2,
+            Role::Edge {
+                node: "edge-2".into(),
+                site: Some("north".into()),
+            },
+        );
+        let spec: DocId = "pod-spec/edge-1/default/web/u".parse().unwrap();
+        let status: DocId = "pod-status/edge-1/default/web/u".parse().unwrap();
+        let desired: DocId = "device-desired/edge-1/default/thermo".parse().unwrap();
+        let shared: DocId = "configmap/site:north/default/cfg".parse().unwrap();
+        assert!(roster.may_read(&e1, &spec) && !roster.may_read(&e2, &spec));
+        assert!(roster.may_read(&e2, &shared) && roster.may_read(&cloud, &spec));
+        assert!(roster.may_write(&cloud, &spec) && !roster.may_write(&e1, &spec));
+        assert!(
+            roster.may_write(&e1, &status)
+                && !roster.may_write(&cloud, &status)
+                && !roster.may_write(&e2, &status)
+        );
+        assert!(
+            roster.may_write(&e1, &desired)
+                && roster.may_write(&cloud, &desired)
+                && !roster.may_write(&e2, &desired)
+        );
+        assert!(
+            !roster.may_read(&PeerId([9; 32]), &spec),
+            "unknown peers read nothing"
+        );
+    }
+}
