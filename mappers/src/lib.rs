@@ -22,6 +22,7 @@ pub mod config;
 pub mod device;
 pub mod driver;
 pub mod modbus;
+pub mod mqtt;
 pub mod opcua;
 pub mod property;
 #[cfg(feature = "test-utils")]

@@ -18,6 +18,7 @@ pub struct SimProcess {
     /// The port it listens on (loopback).
     pub port: u16,
     script: String,
+    program: Option<String>,
     args: Vec<String>,
 }
 
@@ -61,7 +62,36 @@ impl SimProcess {
             child: None,
             port: free_port(),
             script: script.to_owned(),
+            program: None,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        sim.restart().await?;
+        Ok(sim)
+    }
+
+    /// Starts a mosquitto broker of its own, listening on loopback only.
+    pub async fn mosquitto() -> Result<Self, SimError> {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(outpost_sync::test_utils::unique_name("outpost-mosquitto"));
+        let conf = dir.join("mosquitto.conf");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                std::fs::write(
+                    &conf,
+                    format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+                )
+            })
+            .map_err(|source| SimError::Spawn {
+                script: "mosquitto".into(),
+                source,
+            })?;
+        let mut sim = Self {
+            child: None,
+            port,
+            script: "mosquitto".into(),
+            program: Some("mosquitto".into()),
+            args: vec!["-c".into(), conf.to_string_lossy().into_owned()],
         };
         sim.restart().await?;
         Ok(sim)
@@ -83,16 +113,26 @@ impl SimProcess {
     /// Starts the process again on the same port.
     pub async fn restart(&mut self) -> Result<(), SimError> {
         self.kill();
-        let python = env_value("OUTPOST_PYTHON")?;
-        let sims = env_value("OUTPOST_SIMS")?;
-        let path = format!("{sims}/{}", self.script);
-        let child = Command::new(python)
-            .arg(&path)
-            .arg("--port")
-            .arg(self.port.to_string())
+        let mut command = match &self.program {
+            Some(program) => Command::new(program),
+            None => {
+                let mut c = Command::new(env_value("OUTPOST_PYTHON")?);
+                let sims = env_value("OUTPOST_SIMS")?;
+                c.arg(format!("{sims}/{}", self.script))
+                    .arg("--port")
+                    .arg(self.port.to_string());
+                c
+            }
+        };
+        let child = command
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(if self.program.is_some() {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .map_err(|source| SimError::Spawn {
                 script: self.script.clone(),
