@@ -51,4 +51,6 @@ impl From<iroh::PublicKey> for PeerId {
     }
 }
 pub mod access;
+pub mod engine;
+pub mod metrics;
 pub mod protocol;

@@ -1,0 +1,375 @@
+//! The sync engine: drives [`Session`]s over real connections.
+//!
+//! One engine per replica. It owns the replica and the roster, runs one
+//! session per connected peer, frames protocol messages on a byte stream
+//! (a QUIC stream over iroh, or any `AsyncRead + AsyncWrite` in tests), and
+//! fans changes applied from one peer out to the others. Each session's
+//! writer pulls the next message only when the stream can take it, so a slow
+//! or backlogged peer never makes the others wait: every peer has its own
+//! task and its own bounded work.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::PeerId;
+use crate::access::Roster;
+use crate::document::DocId;
+use crate::metrics::{PeerLabel, SyncMetrics};
+use crate::protocol::{Event, MAX_MESSAGE_BYTES, Session, SessionError, decode, encode};
+use crate::replica::{Replica, ReplicaError};
+use crate::transport::iroh::{PeerAddr, SYNC_ALPN};
+
+/// QUIC close code for a peer that is not on the roster.
+const CLOSE_UNKNOWN_PEER: u32 = 403;
+/// QUIC close code for a protocol violation.
+const CLOSE_PROTOCOL: u32 = 400;
+
+struct PeerSlot {
+    session: Session,
+    wake: Arc<Notify>,
+    /// Distinguishes a reconnection from the session it replaced.
+    epoch: u64,
+}
+
+struct Inner {
+    replica: Replica,
+    roster: Roster,
+    peers: HashMap<PeerId, PeerSlot>,
+    next_epoch: u64,
+}
+
+/// A replica with its sync sessions.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Mutex<Inner>>,
+    metrics: SyncMetrics,
+    me: PeerId,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("me", &self.me).finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl Engine {
+    /// An engine over `replica`, trusting the peers on `roster`.
+    pub fn new(replica: Replica, roster: Roster, metrics: SyncMetrics) -> Self {
+        let me = replica.me();
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                replica,
+                roster,
+                peers: HashMap::new(),
+                next_epoch: 0,
+            })),
+            metrics,
+            me,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug that already failed loudly;
+        // the state it guards stays usable (every write is one atomic batch).
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This replica's identity.
+    pub fn me(&self) -> PeerId {
+        self.me
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &SyncMetrics {
+        &self.metrics
+    }
+
+    /// Runs `f` with the replica (for reads and tools).
+    pub fn with_replica<T>(&self, f: impl FnOnce(&mut Replica) -> T) -> T {
+        f(&mut self.lock().replica)
+    }
+
+    /// Replaces the roster (a peer admitted or removed).
+    pub fn set_roster(&self, roster: Roster) {
+        self.lock().roster = roster;
+    }
+
+    /// Peers with an open session.
+    pub fn connected(&self) -> Vec<PeerId> {
+        self.lock().peers.keys().copied().collect()
+    }
+
+    /// Commit time (ms) of the oldest change sent to `peer` and not acknowledged.
+    pub fn watermark_ms(&self, peer: &PeerId) -> Option<i64> {
+        self.lock()
+            .peers
+            .get(peer)
+            .and_then(|p| p.session.watermark_ms())
+    }
+
+    /// Writes a document locally (persisted before this returns) and pushes
+    /// it to connected peers that may read it.
+    pub fn write_json(&self, doc: &DocId, value: &serde_json::Value) -> Result<bool, ReplicaError> {
+        let mut inner = self.lock();
+        let changed = inner.replica.write_json(doc, value, now_ms())?.is_some();
+        if changed {
+            mark_dirty(&mut inner, self.me, doc, None);
+        }
+        Ok(changed)
+    }
+
+    /// Reads a document as JSON.
+    pub fn read_json(&self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
+        self.lock().replica.read_json(doc)
+    }
+
+    /// Runs one session with `peer` over a byte stream until either side
+    /// closes it or a protocol error occurs. The caller authenticated the peer
+    /// (iroh does, by key).
+    pub async fn run_session<R, W>(
+        &self,
+        peer: PeerId,
+        mut recv: R,
+        mut send: W,
+    ) -> Result<(), SessionError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let (wake, epoch) = {
+            let mut inner = self.lock();
+            let mut session = Session::new(peer, &inner.roster)?;
+            session.start(&inner.replica, &inner.roster)?;
+            let wake = Arc::new(Notify::new());
+            inner.next_epoch += 1;
+            let epoch = inner.next_epoch;
+            // A reconnection replaces the previous session with this peer.
+            if let Some(old) = inner.peers.insert(
+                peer,
+                PeerSlot {
+                    session,
+                    wake: wake.clone(),
+                    epoch,
+                },
+            ) {
+                old.wake.notify_one();
+            }
+            (wake, epoch)
+        };
+        self.metrics
+            .connected_peers
+            .set(self.lock().peers.len() as i64);
+        let label = PeerLabel::of(&peer);
+        info!(%peer, "sync session open");
+
+        let writer = async {
+            loop {
+                let next = {
+                    let mut guard = self.lock();
+                    let inner = &mut *guard;
+                    let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
+                        return Ok::<(), SessionError>(());
+                    };
+                    let msg = slot
+                        .session
+                        .poll_transmit(&mut inner.replica, &inner.roster)?;
+                    self.metrics
+                        .pending_documents
+                        .get_or_create(&label)
+                        .set(slot.session.pending() as i64);
+                    if let Some(w) = slot.session.watermark_ms() {
+                        self.metrics
+                            .watermark_timestamp_seconds
+                            .get_or_create(&label)
+                            .set(w as f64 / 1000.0);
+                    }
+                    msg
+                };
+                match next {
+                    Some(msg) => {
+                        let bytes = encode(&msg);
+                        let mut frame = Vec::with_capacity(bytes.len() + 4);
+                        frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                        frame.extend_from_slice(&bytes);
+                        if send.write_all(&frame).await.is_err() || send.flush().await.is_err() {
+                            // The peer went away: the session just ends.
+                            return Ok(());
+                        }
+                        self.metrics.sent_messages.inc();
+                        self.metrics.sent_bytes.inc_by(bytes.len() as u64 + 4);
+                    }
+                    None => wake.notified().await,
+                }
+            }
+        };
+        let reader = async {
+            let mut len = [0u8; 4];
+            let mut buf = Vec::new();
+            loop {
+                if recv.read_exact(&mut len).await.is_err() {
+                    return Ok::<(), SessionError>(());
+                }
+                let n = u32::from_be_bytes(len) as usize;
+                if n > MAX_MESSAGE_BYTES {
+                    return Err(SessionError::Malformed {
+                        peer,
+                        reason: format!("frame of {n} bytes exceeds {MAX_MESSAGE_BYTES}"),
+                    });
+                }
+                buf.resize(n, 0);
+                if recv.read_exact(&mut buf).await.is_err() {
+                    return Err(SessionError::Malformed {
+                        peer,
+                        reason: "truncated frame".into(),
+                    });
+                }
+                self.metrics.received_messages.inc();
+                self.metrics.received_bytes.inc_by(n as u64 + 4);
+                let msg =
+                    decode(&buf).map_err(|reason| SessionError::Malformed { peer, reason })?;
+                let mut guard = self.lock();
+                let inner = &mut *guard;
+                let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
+                    return Ok(());
+                };
+                let events = slot
+                    .session
+                    .handle(msg, &mut inner.replica, &inner.roster)?;
+                slot.wake.notify_one();
+                let now = now_ms() as i64;
+                for event in events {
+                    match event {
+                        Event::Applied { doc, lag_ms } => {
+                            for lag in lag_ms {
+                                self.metrics
+                                    .lag_seconds
+                                    .observe((now - lag).max(0) as f64 / 1000.0);
+                            }
+                            mark_dirty(inner, self.me, &doc, Some(peer));
+                        }
+                        Event::Rejected { doc, reason } => {
+                            self.metrics.rejected_changes.inc();
+                            warn!(%peer, %doc, %reason, "changes rejected");
+                        }
+                        Event::Round => {
+                            self.metrics.reconciliation_rounds.inc();
+                        }
+                    }
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = writer => r,
+            r = reader => r,
+        };
+        {
+            let mut inner = self.lock();
+            if inner.peers.get(&peer).is_some_and(|s| s.epoch == epoch) {
+                inner.peers.remove(&peer);
+            }
+            self.metrics.connected_peers.set(inner.peers.len() as i64);
+        }
+        match &result {
+            Ok(()) => info!(%peer, "sync session closed"),
+            Err(e) => {
+                self.metrics.session_errors.inc();
+                warn!(%peer, error = %e, "sync session closed on error");
+            }
+        }
+        result
+    }
+
+    /// Serves a connection accepted by an iroh endpoint: refuses unknown
+    /// peers, otherwise runs the session on the stream the peer opens.
+    pub async fn serve_connection(&self, conn: Connection) {
+        let peer = PeerId::from(conn.remote_id());
+        if self.lock().roster.role(&peer).is_none() {
+            warn!(%peer, "refusing unknown peer");
+            conn.close(CLOSE_UNKNOWN_PEER.into(), b"unknown peer");
+            return;
+        }
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                debug!(%peer, error = %e, "no stream");
+                return;
+            }
+        };
+        if let Err(e) = self.run_session(peer, recv, send).await {
+            let code = match e {
+                SessionError::UnknownPeer(_) => CLOSE_UNKNOWN_PEER,
+                _ => CLOSE_PROTOCOL,
+            };
+            conn.close(code.into(), e.to_string().as_bytes());
+        }
+    }
+
+    /// Accepts connections on `endpoint` until it closes.
+    pub async fn accept_loop(&self, endpoint: Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let engine = self.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => engine.serve_connection(conn).await,
+                    Err(e) => debug!(error = %e, "incoming connection failed"),
+                }
+            });
+        }
+    }
+
+    /// Keeps a session with `peer` open, reconnecting with capped exponential
+    /// back-off and jitter, until the endpoint closes.
+    pub async fn dial_loop(&self, endpoint: Endpoint, peer: PeerAddr) {
+        let mut backoff = Duration::from_millis(200);
+        let id = PeerId::from(peer.id);
+        loop {
+            match endpoint.connect(EndpointAddr::from(&peer), SYNC_ALPN).await {
+                Ok(conn) => {
+                    backoff = Duration::from_millis(200);
+                    match conn.open_bi().await {
+                        Ok((send, recv)) => {
+                            if let Err(e) = self.run_session(id, recv, send).await {
+                                conn.close(CLOSE_PROTOCOL.into(), e.to_string().as_bytes());
+                            }
+                        }
+                        Err(e) => debug!(%id, error = %e, "cannot open stream"),
+                    }
+                }
+                Err(e) => debug!(%id, error = %e, "cannot connect"),
+            }
+            if endpoint.is_closed() {
+                return;
+            }
+            let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Marks a document dirty in every session (but the one it came from) and
+/// wakes their writers.
+fn mark_dirty(inner: &mut Inner, me: PeerId, doc: &DocId, except: Option<PeerId>) {
+    for (peer, slot) in inner.peers.iter_mut() {
+        if Some(*peer) != except {
+            slot.session.local_change(&me, &inner.roster, doc);
+            slot.wake.notify_one();
+        }
+    }
+}
