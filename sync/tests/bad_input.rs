@@ -1,0 +1,167 @@
+//! Malformed, truncated and oversized input: decoding and handling never
+//! panic, a session closes with a reason, and the store is left intact.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
+
+use outpost_sync::PeerId;
+use outpost_sync::access::{Role, Roster};
+use outpost_sync::document::DocId;
+use outpost_sync::engine::Engine;
+use outpost_sync::metrics::SyncMetrics;
+use outpost_sync::protocol::{Bucket, DocChanges, Item, Message, Session, decode, encode};
+use outpost_sync::replica::{Replica, ReplicaOptions};
+use proptest::prelude::*;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+const CLOUD: PeerId = PeerId([1; 32]);
+const EDGE: PeerId = PeerId([2; 32]);
+
+fn roster() -> Roster {
+    let mut r = Roster::new();
+    r.insert(CLOUD, Role::Cloud);
+    r.insert(
+        EDGE,
+        Role::Edge {
+            node: "edge-1".into(),
+            site: None,
+        },
+    );
+    r
+}
+
+fn replica(tag: &str) -> (Replica, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("outpost-bad-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut r = Replica::open(&dir, CLOUD, ReplicaOptions::default()).unwrap();
+    let doc: DocId = "pod-spec/edge-1/default/web/u".parse().unwrap();
+    r.write_json(&doc, &json!({"image": "busybox"}), 1000)
+        .unwrap();
+    (r, dir)
+}
+
+/// Valid messages of every kind, as raw material for mutation.
+fn samples(r: &mut Replica) -> Vec<Vec<u8>> {
+    let doc: DocId = "pod-spec/edge-1/default/web/u".parse().unwrap();
+    let (generation, changes) = r.changes_for(&doc, 0, &[], &[]).unwrap();
+    let entry = r.entry(&doc).unwrap().unwrap();
+    let item = Item {
+        doc: doc.clone(),
+        generation,
+        heads: entry.heads.clone(),
+    };
+    [
+        Message::Hello { version: 1 },
+        Message::Buckets(vec![Bucket {
+            depth: 1,
+            prefix: 3,
+            fingerprint: 42,
+            count: 2,
+        }]),
+        Message::Items {
+            buckets: vec![(1, 3)],
+            items: vec![item.clone()],
+            reply: true,
+        },
+        Message::Changes(vec![DocChanges {
+            doc,
+            generation,
+            changes: changes
+                .into_iter()
+                .map(serde_bytes::ByteBuf::from)
+                .collect(),
+        }]),
+        Message::Ack(vec![item.clone()]),
+        Message::Need(item),
+    ]
+    .iter()
+    .map(encode)
+    .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn mutated_messages_never_panic_nor_corrupt(pick in 0..6usize, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8), cut in any::<usize>()) {
+        let (mut r, dir) = replica("mut");
+        let mut bytes = samples(&mut r)[pick].clone();
+        for (at, b) in flips {
+            let n = bytes.len();
+            bytes[at % n] ^= b;
+        }
+        bytes.truncate(cut % (bytes.len() + 1));
+        let roster = roster();
+        let before: Vec<_> = r.scan().map(|e| e.unwrap()).collect();
+        if let Ok(msg) = decode(&bytes) {
+            let mut session = Session::new(EDGE, &roster).unwrap();
+            // An error closes the session; either way nothing panics.
+            let _ = session.handle(msg, &mut r, &roster);
+            while let Ok(Some(_)) = session.poll_transmit(&mut r, &roster) {}
+        }
+        // Edges may not write pod specs, so nothing the edge sent may change
+        // the cloud's documents; and the store still loads.
+        let after: Vec<_> = r.scan().map(|e| e.unwrap()).collect();
+        prop_assert_eq!(before.iter().map(|(d, e)| (d.clone(), e.heads.clone())).collect::<Vec<_>>(),
+                        after.iter().map(|(d, e)| (d.clone(), e.heads.clone())).collect::<Vec<_>>());
+        drop(r);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test]
+async fn oversized_and_truncated_frames_close_the_session() {
+    for (tag, frame) in [
+        ("oversized", (u32::MAX).to_be_bytes().to_vec()),
+        ("truncated", {
+            let mut f = 100u32.to_be_bytes().to_vec();
+            f.extend_from_slice(&[0u8; 10]);
+            f
+        }),
+        ("garbage", {
+            let mut f = 4u32.to_be_bytes().to_vec();
+            f.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+            f
+        }),
+    ] {
+        let (r, dir) = replica(tag);
+        let engine = Engine::new(r, roster(), SyncMetrics::default());
+        let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+        let (recv, send) = tokio::io::split(theirs);
+        let task = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.run_session(EDGE, recv, send).await }
+        });
+        ours.write_all(&frame).await.unwrap();
+        if tag == "truncated" {
+            ours.shutdown().await.unwrap();
+        }
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            // Keep draining what the engine sends so it never blocks.
+            let mut sink = vec![0u8; 1 << 16];
+            loop {
+                tokio::select! {
+                    r = &mut Box::pin(async { tokio::io::AsyncReadExt::read(&mut ours, &mut sink).await }) => { if matches!(r, Ok(0) | Err(_)) { break; } }
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => { if task.is_finished() { break; } }
+                }
+            }
+        })
+        .await;
+        assert!(result.is_ok(), "{tag}: session did not end");
+        let outcome = task.await.unwrap();
+        assert!(outcome.is_err(), "{tag}: closed with a reason");
+        assert_eq!(engine.metrics().session_errors.get(), 1, "{tag}");
+        let doc: DocId = "pod-spec/edge-1/default/web/u".parse().unwrap();
+        assert_eq!(
+            engine.read_json(&doc).unwrap(),
+            Some(json!({"image": "busybox"})),
+            "{tag}: store intact"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
