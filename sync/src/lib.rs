@@ -51,6 +51,7 @@ impl From<iroh::PublicKey> for PeerId {
     }
 }
 pub mod access;
+pub mod desired;
 pub mod engine;
 pub mod metrics;
 pub mod protocol;
