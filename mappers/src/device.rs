@@ -63,6 +63,7 @@ impl Default for RunConfig {
     }
 }
 
+#[derive(Debug)]
 enum Command {
     Write {
         property: String,
@@ -71,25 +72,21 @@ enum Command {
     },
 }
 
-/// A running device task.
+/// A running device task; dropping it stops the task.
 #[derive(Debug)]
 pub struct DeviceHandle {
-    id: String,
-    commands: mpsc::Sender<Command>,
+    sender: DeviceSender,
     task: JoinHandle<()>,
 }
 
-/// The device task is gone.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("device {0} is not running")]
-pub struct Stopped(pub String);
+/// A cloneable way to send writes to a device's task.
+#[derive(Debug, Clone)]
+pub struct DeviceSender {
+    id: String,
+    commands: mpsc::Sender<Command>,
+}
 
-impl DeviceHandle {
-    /// The device id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
+impl DeviceSender {
     /// Writes a property through the device's task (checked against the model
     /// first). Waits for the device's answer or its timeout.
     pub async fn write(
@@ -107,6 +104,33 @@ impl DeviceHandle {
             .await
             .map_err(|_| Stopped(self.id.clone()))?;
         answer.await.map_err(|_| Stopped(self.id.clone()))
+    }
+}
+
+/// The device task is gone.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("device {0} is not running")]
+pub struct Stopped(pub String);
+
+impl DeviceHandle {
+    /// The device id.
+    pub fn id(&self) -> &str {
+        &self.sender.id
+    }
+
+    /// Writes a property through the device's task (checked against the model
+    /// first). Waits for the device's answer or its timeout.
+    pub async fn write(
+        &self,
+        property: &str,
+        value: &str,
+    ) -> Result<Result<(), WriteError>, Stopped> {
+        self.sender.write(property, value).await
+    }
+
+    /// A sender for writes that outlives a borrow of the handle.
+    pub fn sender(&self) -> DeviceSender {
+        self.sender.clone()
     }
 
     /// Stops the task (the connection closes with it).
@@ -131,7 +155,10 @@ pub fn spawn<D: Driver + 'static>(
     let id = id.into();
     let (commands, inbox) = mpsc::channel(16);
     let task = tokio::spawn(run(id.clone(), driver, config, reports, inbox));
-    DeviceHandle { id, commands, task }
+    DeviceHandle {
+        sender: DeviceSender { id, commands },
+        task,
+    }
 }
 
 async fn run<D: Driver>(

@@ -20,10 +20,12 @@
 pub mod backoff;
 pub mod config;
 pub mod device;
+pub mod dmi;
 pub mod driver;
 pub mod modbus;
 pub mod mqtt;
 pub mod opcua;
 pub mod property;
+pub mod spec;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;

@@ -29,6 +29,34 @@ enum Command {
     /// Read (and optionally write) one property of a device, to check it
     /// before binding it to a Device.
     Probe(Probe),
+    /// Run standalone beside an edge agent: serve KubeEdge's DMI
+    /// DeviceMapperService on a unix socket, register with the agent's
+    /// DeviceManagerService, and report device twins and states to it.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Unix socket this mapper serves DeviceMapperService on.
+    #[arg(
+        long,
+        env = "OUTPOST_MAPPER_SOCKET",
+        default_value = "/etc/kubeedge/outpost-mapper.sock"
+    )]
+    socket: std::path::PathBuf,
+    /// Unix socket of the edge agent's DeviceManagerService.
+    #[arg(
+        long,
+        env = "OUTPOST_DMI_SOCKET",
+        default_value = "/etc/kubeedge/dmi.sock"
+    )]
+    agent_socket: std::path::PathBuf,
+    /// Mapper name announced to the agent.
+    #[arg(long, default_value = "outpost-mapper")]
+    name: String,
+    /// Protocol announced to the agent (the agent sends devices of it).
+    #[arg(long, default_value = "modbus")]
+    protocol: String,
 }
 
 #[derive(Debug, Args)]
@@ -197,7 +225,63 @@ async fn main() -> anyhow::Result<()> {
             println!("{value} ({})", value.data_type());
             Ok(())
         }
+        Command::Run(args) => run(args).await,
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use outpost_mappers::backoff::Backoff;
+    use outpost_mappers::dmi::{self, Mapper, v1beta1};
+
+    let (mapper, reports) = Mapper::new();
+    let socket = args.socket.clone();
+    let server = tokio::spawn({
+        let mapper = mapper.clone();
+        async move {
+            dmi::serve(mapper, &socket, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        }
+    });
+    let info = v1beta1::MapperInfo {
+        name: args.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        api_version: "v1beta1".to_owned(),
+        protocol: args.protocol.clone(),
+        address: args.socket.to_string_lossy().as_bytes().to_vec(),
+        state: "ok".to_owned(),
+    };
+    // The agent may start after the mapper: retry with backoff.
+    let mut backoff = Backoff::new(
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        u64::from(std::process::id()),
+    );
+    let agent = loop {
+        let attempt = async {
+            let channel = dmi::unix_channel(&args.agent_socket).await?;
+            let mut agent =
+                v1beta1::device_manager_service_client::DeviceManagerServiceClient::new(channel);
+            let served = dmi::register(&mapper, &mut agent, info.clone()).await?;
+            Ok::<_, dmi::DmiError>((agent, served))
+        };
+        match attempt.await {
+            Ok((agent, served)) => {
+                tracing::info!(agent = %args.agent_socket.display(), devices = served, "registered with the edge agent");
+                break agent;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(agent = %args.agent_socket.display(), error = %e, retry_in = ?delay, "cannot register with the edge agent");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    tokio::spawn(dmi::forward_reports(agent, reports));
+    server.await.context("DMI server task")??;
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
 }
 
 /// Connects, writes if asked, then reads the one property.

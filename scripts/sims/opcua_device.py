@@ -9,6 +9,7 @@ one writable variable of each data type a KubeEdge device property can have:
   ns=2;s=boolean   Boolean   default True
   ns=2;s=bytes     ByteString default b"\x01\x02"
 and ns=2;s=counter, an Int64 that counts up once a second (for subscriptions).
+`--extra-nodes N` adds ns=2;s=v0 .. v<N-1> (Doubles) for benchmarks.
 
 Security policy None by default; `--security basic256sha256` serves
 Basic256Sha256 with SignAndEncrypt only, with a self-signed server
@@ -51,6 +52,12 @@ async def main() -> None:
         default=None,
         help="folder of the server certificate (server-cert.der, server-key.pem), generated if missing; "
         "required with --security basic256sha256 (default: none)",
+    )
+    parser.add_argument(
+        "--extra-nodes",
+        type=int,
+        default=0,
+        help="also serve ns=2;s=v0 .. v<N-1>, Doubles equal to their index, for benchmarks (default: %(default)s)",
     )
     parser.add_argument(
         "--fault-hooks",
@@ -96,6 +103,8 @@ async def main() -> None:
     for name, value, vtype in VARIABLES:
         var = await device.add_variable(ua.NodeId(name, idx), name, ua.Variant(value, vtype))
         await var.set_writable()
+    for i in range(args.extra_nodes):
+        await device.add_variable(ua.NodeId(f"v{i}", idx), f"v{i}", ua.Variant(float(i), ua.VariantType.Double))
     counter = await device.add_variable(ua.NodeId("counter", idx), "counter", ua.Variant(0, ua.VariantType.Int64))
     drop = None
     if args.fault_hooks:
