@@ -263,6 +263,61 @@ impl ModbusDriver {
         self.request(Op::Read(register), start, count).await
     }
 
+    /// Reads every property along `plan` (the driver's own plan, taken out
+    /// of `self` for the duration so that it is not copied per read).
+    async fn read_planned(&mut self, plan: &[ReadRequest]) -> Result<Vec<Reading>, ReadError> {
+        let mut values: Vec<Option<Result<Value, PropertyError>>> =
+            vec![None; self.properties.len()];
+        for request in plan {
+            match self
+                .read_range(request.register, request.start, request.count)
+                .await
+            {
+                Outcome::Failed(e) => return Err(e),
+                Outcome::Answer(words) => {
+                    for &i in &request.members {
+                        values[i] = Some(self.decode(i, request, &words));
+                    }
+                }
+                Outcome::Exception(code) if request.members.len() == 1 => {
+                    values[request.members[0]] =
+                        Some(Err(PropertyError::Rejected(exception_text(code))));
+                }
+                Outcome::Exception(_) => {
+                    // One bad address spoils a merged range: ask for each
+                    // property alone so the others still get their values.
+                    for &i in &request.members {
+                        let v = self.properties[i].visitor.clone();
+                        let single = ReadRequest {
+                            register: v.register,
+                            start: v.offset,
+                            count: v.limit,
+                            members: vec![i],
+                        };
+                        values[i] =
+                            Some(match self.read_range(v.register, v.offset, v.limit).await {
+                                Outcome::Failed(e) => return Err(e),
+                                Outcome::Answer(words) => self.decode(i, &single, &words),
+                                Outcome::Exception(code) => {
+                                    Err(PropertyError::Rejected(exception_text(code)))
+                                }
+                            });
+                    }
+                }
+            }
+        }
+        self.health.success();
+        Ok(self
+            .properties
+            .iter()
+            .zip(values)
+            .map(|(p, v)| Reading {
+                property: p.spec.name.clone(),
+                value: v.unwrap_or(Err(PropertyError::NoValue)),
+            })
+            .collect())
+    }
+
     fn decode(
         &self,
         index: usize,
@@ -325,57 +380,10 @@ impl Driver for ModbusDriver {
         if self.ctx.is_none() {
             return Err(ReadError::NotConnected);
         }
-        let mut values: Vec<Option<Result<Value, PropertyError>>> =
-            vec![None; self.properties.len()];
-        let plan = self.plan.clone();
-        for request in &plan {
-            match self
-                .read_range(request.register, request.start, request.count)
-                .await
-            {
-                Outcome::Failed(e) => return Err(e),
-                Outcome::Answer(words) => {
-                    for &i in &request.members {
-                        values[i] = Some(self.decode(i, request, &words));
-                    }
-                }
-                Outcome::Exception(code) if request.members.len() == 1 => {
-                    values[request.members[0]] =
-                        Some(Err(PropertyError::Rejected(exception_text(code))));
-                }
-                Outcome::Exception(_) => {
-                    // One bad address spoils a merged range: ask for each
-                    // property alone so the others still get their values.
-                    for &i in &request.members {
-                        let v = self.properties[i].visitor.clone();
-                        let single = ReadRequest {
-                            register: v.register,
-                            start: v.offset,
-                            count: v.limit,
-                            members: vec![i],
-                        };
-                        values[i] =
-                            Some(match self.read_range(v.register, v.offset, v.limit).await {
-                                Outcome::Failed(e) => return Err(e),
-                                Outcome::Answer(words) => self.decode(i, &single, &words),
-                                Outcome::Exception(code) => {
-                                    Err(PropertyError::Rejected(exception_text(code)))
-                                }
-                            });
-                    }
-                }
-            }
-        }
-        self.health.success();
-        Ok(self
-            .properties
-            .iter()
-            .zip(values)
-            .map(|(p, v)| Reading {
-                property: p.spec.name.clone(),
-                value: v.unwrap_or(Err(PropertyError::NoValue)),
-            })
-            .collect())
+        let plan = std::mem::take(&mut self.plan);
+        let result = self.read_planned(&plan).await;
+        self.plan = plan;
+        result
     }
 
     async fn write(&mut self, property: &str, text: &str) -> Result<(), WriteError> {
