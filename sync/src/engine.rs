@@ -145,6 +145,7 @@ impl Engine {
     pub async fn run_session<R, W>(
         &self,
         peer: PeerId,
+        initiate: bool,
         mut recv: R,
         mut send: W,
     ) -> Result<(), SessionError>
@@ -155,7 +156,7 @@ impl Engine {
         let (wake, epoch) = {
             let mut inner = self.lock();
             let mut session = Session::new(peer, &inner.roster)?;
-            session.start(&inner.replica, &inner.roster)?;
+            session.start(&inner.replica, &inner.roster, initiate)?;
             let wake = Arc::new(Notify::new());
             inner.next_epoch += 1;
             let epoch = inner.next_epoch;
@@ -311,7 +312,7 @@ impl Engine {
                 return;
             }
         };
-        if let Err(e) = self.run_session(peer, recv, send).await {
+        if let Err(e) = self.run_session(peer, false, recv, send).await {
             let code = match e {
                 SessionError::UnknownPeer(_) => CLOSE_UNKNOWN_PEER,
                 _ => CLOSE_PROTOCOL,
@@ -344,7 +345,7 @@ impl Engine {
                     backoff = Duration::from_millis(200);
                     match conn.open_bi().await {
                         Ok((send, recv)) => {
-                            if let Err(e) = self.run_session(id, recv, send).await {
+                            if let Err(e) = self.run_session(id, true, recv, send).await {
                                 conn.close(CLOSE_PROTOCOL.into(), e.to_string().as_bytes());
                             }
                         }

@@ -327,16 +327,25 @@ impl Session {
         // reconciliation (on reconnect or timer) finds what they would have.
     }
 
-    /// Starts a session: says hello and opens reconciliation of the shared scope.
-    pub fn start(&mut self, replica: &Replica, roster: &Roster) -> Result<(), SessionError> {
+    /// Starts a session: says hello and, on the side that initiates (the one
+    /// that dialled), opens reconciliation of the shared scope. Both sides
+    /// index the scope: the other answers the initiator's buckets.
+    pub fn start(
+        &mut self,
+        replica: &Replica,
+        roster: &Roster,
+        initiate: bool,
+    ) -> Result<(), SessionError> {
         self.reindex(replica, roster)?;
         self.outbox.clear();
         self.theirs.clear();
         self.outbox.push_back(Message::Hello {
             version: PROTOCOL_VERSION,
         });
-        let top = self.children(0, 0);
-        self.outbox.push_back(Message::Buckets(top));
+        if initiate {
+            let top = self.children(0, 0);
+            self.outbox.push_back(Message::Buckets(top));
+        }
         Ok(())
     }
 
@@ -449,10 +458,7 @@ impl Session {
                 }
                 let mine = self.items_of(replica, &buckets)?;
                 for item in &mine {
-                    let same = theirs
-                        .get(&item.doc)
-                        .is_some_and(|(g, h)| *g == item.generation && *h == item.heads);
-                    if !same {
+                    if self.should_send(replica, &me, item, theirs.get(&item.doc))? {
                         self.dirty
                             .insert((priority(item.doc.kind()), item.doc.clone()));
                     }
@@ -507,10 +513,28 @@ impl Session {
                     if applied.stale {
                         continue;
                     }
+                    // The sender has at least the batch's heads. If this
+                    // replica has more (concurrent changes), send them back.
                     self.theirs.insert(
                         dc.doc.clone(),
-                        (applied.entry.generation, applied.entry.heads.clone()),
+                        (applied.entry.generation, applied.batch_heads.clone()),
                     );
+                    // Only when the batch brought something new: a batch of
+                    // known changes says nothing new about the sender.
+                    if applied.new_changes > 0
+                        && !applied.missing_deps
+                        && applied.entry.heads != applied.batch_heads
+                    {
+                        let (_, extra) = replica.changes_for(
+                            &dc.doc,
+                            applied.entry.generation,
+                            &applied.batch_heads,
+                            &[],
+                        )?;
+                        if !extra.is_empty() {
+                            self.dirty.insert((priority(dc.doc.kind()), dc.doc.clone()));
+                        }
+                    }
                     if applied.missing_deps {
                         self.push(Message::Need(Item {
                             doc: dc.doc.clone(),
@@ -564,6 +588,38 @@ impl Session {
             }
         }
         Ok(events)
+    }
+
+    /// After an exchange of items: does this replica hold changes of a
+    /// document that the peer lacks? Exactly when all the peer's heads are
+    /// known here and differ from ours (or the peer is a generation behind).
+    /// When the peer has changes unknown here, it sends them first and the
+    /// batch-heads rule answers with ours; when both have unknown changes,
+    /// the lower peer id sends first, so that one side always moves.
+    fn should_send(
+        &self,
+        replica: &mut Replica,
+        me: &PeerId,
+        mine: &Item,
+        theirs: Option<&(u64, Vec<[u8; 32]>)>,
+    ) -> Result<bool, SessionError> {
+        let Some((generation, heads)) = theirs else {
+            return Ok(true);
+        };
+        if *generation != mine.generation {
+            return Ok(*generation < mine.generation);
+        }
+        if *heads == mine.heads {
+            return Ok(false);
+        }
+        let mut all_known = true;
+        for h in heads {
+            if !replica.has_change(&mine.doc, &automerge::ChangeHash(*h))? {
+                all_known = false;
+                break;
+            }
+        }
+        Ok(all_known || *me < self.peer)
     }
 
     /// The next message to send, if any: reconciliation first, then changes

@@ -99,6 +99,22 @@ pub struct Applied {
     pub stale: bool,
     /// Commit times (ms) of the new changes, for lag measurement.
     pub commit_times_ms: Vec<i64>,
+    /// The heads of the received batch itself (its changes no other change
+    /// of the batch depends on), sorted: what the sender has, at least.
+    pub batch_heads: Vec<[u8; 32]>,
+}
+
+fn batch_heads(changes: &[Change]) -> Vec<[u8; 32]> {
+    let deps: std::collections::HashSet<ChangeHash> = changes
+        .iter()
+        .flat_map(|c| c.deps().iter().copied())
+        .collect();
+    let heads: Vec<ChangeHash> = changes
+        .iter()
+        .map(Change::hash)
+        .filter(|h| !deps.contains(h))
+        .collect();
+    sorted_heads(&heads)
 }
 
 struct Loaded {
@@ -426,6 +442,7 @@ impl Replica {
                 }
             })?);
         }
+        let batch = batch_heads(&decoded);
         let actor = self.actor.clone();
         let current = self.load(doc)?.map(|l| l.entry.generation);
         let am_err = |e: automerge::AutomergeError| ReplicaError::Automerge {
@@ -472,6 +489,7 @@ impl Replica {
                     missing_deps,
                     stale: false,
                     commit_times_ms: times,
+                    batch_heads: batch,
                 });
             }
         }
@@ -487,6 +505,7 @@ impl Replica {
             return Ok(Applied {
                 entry: loaded.entry.clone(),
                 missing_deps,
+                batch_heads: batch,
                 ..Default::default()
             });
         }
@@ -509,6 +528,7 @@ impl Replica {
             missing_deps,
             stale: false,
             commit_times_ms: times,
+            batch_heads: batch,
         })
     }
 

@@ -412,6 +412,31 @@ impl Store {
         self.write(batch)
     }
 
+    /// Bytes of one document's records: index entry, snapshot and chunks
+    /// (what the document itself costs, without RocksDB's fixed overhead).
+    pub fn doc_bytes(&self, doc: &DocId) -> Result<u64, StoreError> {
+        let mut total = self
+            .db
+            .get_cf(self.cf(CF_INDEX), doc.as_str())
+            .map_err(|e| self.db_err(e))?
+            .map_or(0, |v| (v.len() + doc.as_str().len()) as u64);
+        let prefix = chunk_prefix(doc);
+        for cf in [CF_CHUNKS, CF_SNAPSHOTS] {
+            let iter = self.db.iterator_cf(
+                self.cf(cf),
+                IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+            );
+            for item in iter {
+                let (key, value) = item.map_err(|e| self.db_err(e))?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                total += (key.len() + value.len()) as u64;
+            }
+        }
+        Ok(total)
+    }
+
     /// Bytes the store occupies on disk (SST files and logs), for measurements.
     pub fn disk_bytes(&self) -> u64 {
         dir_size(&self.path)

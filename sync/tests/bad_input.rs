@@ -135,7 +135,7 @@ async fn oversized_and_truncated_frames_close_the_session() {
         let (recv, send) = tokio::io::split(theirs);
         let task = tokio::spawn({
             let engine = engine.clone();
-            async move { engine.run_session(EDGE, recv, send).await }
+            async move { engine.run_session(EDGE, false, recv, send).await }
         });
         ours.write_all(&frame).await.unwrap();
         if tag == "truncated" {

@@ -88,10 +88,12 @@ impl Net {
     }
 
     fn connect(&mut self, i: usize, j: usize) {
+        // The lower index dials, and initiates reconciliation.
+        let initiate = i < j;
         let peer = self.ids[j];
         let mut session = Session::new(peer, &self.roster).unwrap();
         let replica = self.nodes[i].replica.as_ref().unwrap();
-        session.start(replica, &self.roster).unwrap();
+        session.start(replica, &self.roster, initiate).unwrap();
         self.nodes[i].sessions.insert(peer, session);
     }
 

@@ -1,0 +1,523 @@
+//! Benchmarks of outpost-sync, each figure printed beside a baseline
+//! measured in the same run (this machine is shared and noisy: ratios mean
+//! something, single times do not).
+//!
+//! `cargo bench -p outpost-sync --bench sync [-- SECTION...]`, sections:
+//! `reconcile`, `live`, `throughput`, `storage`, `memory` (default: all).
+//! `OUTPOST_BENCH_QUICK=1` shrinks the sizes for a smoke run.
+
+#![allow(clippy::unwrap_used, missing_docs)] // a benchmark that fails should stop loudly
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use outpost_sync::PeerId;
+use outpost_sync::access::{Role, Roster};
+use outpost_sync::document::DocId;
+use outpost_sync::protocol::{Session, encode};
+use outpost_sync::replica::{Replica, ReplicaOptions};
+use serde_json::json;
+use tokio::time::Instant;
+
+const CLOUD: PeerId = PeerId([1; 32]);
+const EDGE: PeerId = PeerId([2; 32]);
+
+fn quick() -> bool {
+    std::env::var_os("OUTPOST_BENCH_QUICK").is_some()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("outpost-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn roster() -> Roster {
+    let mut r = Roster::new();
+    r.insert(CLOUD, Role::Cloud);
+    r.insert(
+        EDGE,
+        Role::Edge {
+            node: "edge-1".into(),
+            site: None,
+        },
+    );
+    r
+}
+
+fn row(name: &str, figure: String, baseline: String, ratio: String, target: &str, ok: bool) {
+    println!(
+        "| {name} | {figure} | {baseline} | {ratio} | {target} | {} |",
+        if ok { "met" } else { "NOT met" }
+    );
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Runs sessions between two replicas in-process until neither has anything
+/// to send. Returns (flights, bytes): a flight is one side's batch of
+/// messages; two flights make a round trip.
+fn settle(
+    a: &mut Replica,
+    sa: &mut Session,
+    b: &mut Replica,
+    sb: &mut Session,
+    roster: &Roster,
+) -> (usize, usize) {
+    let (mut flights, mut bytes) = (0, 0);
+    let mut from_a = true;
+    let mut idle = 0;
+    while idle < 2 {
+        let (src, ss, dst, ds) = if from_a {
+            (&mut *a, &mut *sa, &mut *b, &mut *sb)
+        } else {
+            (&mut *b, &mut *sb, &mut *a, &mut *sa)
+        };
+        let mut msgs = Vec::new();
+        while let Some(m) = ss.poll_transmit(src, roster).unwrap() {
+            bytes += encode(&m).len() + 4;
+            msgs.push(m);
+        }
+        if msgs.is_empty() {
+            idle += 1;
+        } else {
+            idle = 0;
+            flights += 1;
+            for m in msgs {
+                ds.handle(m, dst, roster).unwrap();
+            }
+        }
+        from_a = !from_a;
+    }
+    (flights, bytes)
+}
+
+fn reconcile() {
+    let n = if quick() { 10_000 } else { 100_000 };
+    let roster = roster();
+    let (da, db) = (tmp("rec-a"), tmp("rec-b"));
+    let mut a = Replica::open(&da, CLOUD, ReplicaOptions::default()).unwrap();
+    let mut b = Replica::open(&db, EDGE, ReplicaOptions::default()).unwrap();
+    let docs: Vec<DocId> = (0..n)
+        .map(|i| format!("configmap/edge-1/default/cm-{i}").parse().unwrap())
+        .collect();
+    let t = Instant::now();
+    for (i, d) in docs.iter().enumerate() {
+        a.write_json(d, &json!({"data": {"key": format!("value-{i}")}}), 1_000)
+            .unwrap();
+        let (g, ch) = a.changes_for(d, 0, &[], &[]).unwrap();
+        b.apply(d, g, &ch).unwrap();
+    }
+    eprintln!(
+        "reconcile: {n} documents on both sides in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut missing = 0usize;
+    for i in 0..10 {
+        let d = &docs[i * (n / 10)];
+        let hash = a
+            .write_json(d, &json!({"data": {"key": "changed"}}), 2_000)
+            .unwrap()
+            .unwrap();
+        let e = a.entry(d).unwrap().unwrap();
+        let (_, ch) = a.changes_for(d, e.generation, &e.heads, &[]).unwrap();
+        assert!(ch.is_empty());
+        missing += a
+            .changes_for(d, 0, &[], &[])
+            .unwrap()
+            .1
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0);
+        let _ = hash;
+    }
+    // The edge reconnects: a fresh session on both sides, the edge initiating.
+    let mut sa = Session::new(EDGE, &roster).unwrap();
+    let mut sb = Session::new(CLOUD, &roster).unwrap();
+    sa.start(&a, &roster, false).unwrap();
+    sb.start(&b, &roster, true).unwrap();
+    let t = Instant::now();
+    let (flights, bytes) = settle(&mut b, &mut sb, &mut a, &mut sa, &roster);
+    let took = t.elapsed();
+    for d in &docs[..1] {
+        assert_eq!(a.read_json(d).unwrap(), b.read_json(d).unwrap());
+    }
+    let round_trips = flights.div_ceil(2);
+    let bound = 1.5 * missing as f64 + 16_384.0;
+    row(
+        &format!("reconnect, {n} docs in scope, 10 changed: round trips"),
+        format!(
+            "{round_trips} ({flights} flights, {:.0} ms)",
+            took.as_secs_f64() * 1e3
+        ),
+        "-".into(),
+        "-".into(),
+        "<= 5",
+        round_trips <= 5,
+    );
+    row(
+        "reconnect: bytes on the wire",
+        format!("{bytes} B"),
+        format!("{missing} B of missing changes"),
+        format!(
+            "{:.2} x + {} B",
+            bytes as f64 / missing.max(1) as f64,
+            bytes.saturating_sub(missing)
+        ),
+        "<= 1.5 x missing + 16 KB",
+        (bytes as f64) <= bound,
+    );
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(da);
+    let _ = std::fs::remove_dir_all(db);
+}
+
+fn live() {
+    use outpost_sync::engine::Engine;
+    use outpost_sync::metrics::SyncMetrics;
+    use outpost_sync::transport::iroh::{PeerAddr, SYNC_ALPN, bind};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let samples = if quick() { 100 } else { 1000 };
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // Baseline 1: a bare iroh request/response on a new stream.
+        let (k1, k2) = (iroh::SecretKey::generate(), iroh::SecretKey::generate());
+        let e1 = bind(k1.clone(), loopback).await.unwrap();
+        let e2 = bind(k2.clone(), loopback).await.unwrap();
+        let addr1 = PeerAddr {
+            id: k1.public(),
+            addr: e1.bound_sockets()[0],
+        };
+        let echo = tokio::spawn({
+            let e1 = e1.clone();
+            async move {
+                let conn = e1.accept().await.unwrap().await.unwrap();
+                while let Ok((mut s, mut r)) = conn.accept_bi().await {
+                    let got = r.read_to_end(1024).await.unwrap();
+                    s.write_all(&got).await.unwrap();
+                    s.finish().unwrap();
+                }
+            }
+        });
+        let conn = e2
+            .connect(iroh::EndpointAddr::from(&addr1), SYNC_ALPN)
+            .await
+            .unwrap();
+        let mut rtts = Vec::new();
+        for i in 0..samples + 50 {
+            let t = Instant::now();
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            s.write_all(&[7u8; 200]).await.unwrap();
+            s.finish().unwrap();
+            r.read_to_end(1024).await.unwrap();
+            if i >= 50 {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        conn.close(0u32.into(), b"done");
+        echo.abort();
+        e1.close().await;
+        e2.close().await;
+        rtts.sort_by(f64::total_cmp);
+        // Baseline 2: one raw RocksDB write (a 200-byte value, WAL on, no fsync).
+        let dw = tmp("live-raw");
+        let db = rocksdb::DB::open_default(&dw).unwrap();
+        let mut writes = Vec::new();
+        for i in 0..samples {
+            let t = Instant::now();
+            let mut batch = rocksdb::WriteBatch::default();
+            batch.put(format!("key-{i}"), [9u8; 200]);
+            db.write(batch).unwrap();
+            writes.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dw);
+        writes.sort_by(f64::total_cmp);
+
+        // The engine: commit at the cloud to persisted at the edge.
+        let roster = {
+            let mut r = Roster::new();
+            r.insert(PeerId::from(k1.public()), Role::Cloud);
+            r.insert(
+                PeerId::from(k2.public()),
+                Role::Edge {
+                    node: "edge-1".into(),
+                    site: None,
+                },
+            );
+            r
+        };
+        let (da, db_) = (tmp("live-a"), tmp("live-b"));
+        let a = Engine::new(
+            Replica::open(&da, PeerId::from(k1.public()), ReplicaOptions::default()).unwrap(),
+            roster.clone(),
+            SyncMetrics::default(),
+        );
+        let b = Engine::new(
+            Replica::open(&db_, PeerId::from(k2.public()), ReplicaOptions::default()).unwrap(),
+            roster,
+            SyncMetrics::default(),
+        );
+        let ea = bind(k1.clone(), loopback).await.unwrap();
+        let eb = bind(k2.clone(), loopback).await.unwrap();
+        let a_addr = PeerAddr {
+            id: k1.public(),
+            addr: ea.bound_sockets()[0],
+        };
+        tokio::spawn({
+            let a = a.clone();
+            let ea = ea.clone();
+            async move { a.accept_loop(ea).await }
+        });
+        tokio::spawn({
+            let b = b.clone();
+            let eb = eb.clone();
+            async move { b.dial_loop(eb, a_addr).await }
+        });
+        while a.connected().is_empty() || b.connected().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut events = b.with_replica(|r| r.subscribe());
+        let mut lags = Vec::new();
+        for i in 0..samples + 20 {
+            let doc: DocId = format!("pod-spec/edge-1/default/p{}/u", i % 50)
+                .parse()
+                .unwrap();
+            let t = Instant::now();
+            a.write_json(
+                &doc,
+                &json!({"containers": [{"name": "main", "image": format!("busybox:{i}")}]}),
+            )
+            .unwrap();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), events.recv())
+                    .await
+                    .unwrap()
+                {
+                    Ok(d) if d == doc => break,
+                    Ok(_) => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            if i >= 20 {
+                lags.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        ea.close().await;
+        eb.close().await;
+        lags.sort_by(f64::total_cmp);
+        let base = percentile(&rtts, 0.5) + percentile(&writes, 0.5);
+        let p99 = percentile(&lags, 0.99);
+        row(
+            "live propagation over iroh, commit to persisted (p50 / p99)",
+            format!("{:.0} / {:.0} us", percentile(&lags, 0.5), p99),
+            format!(
+                "iroh RTT p50 {:.0} us + RocksDB write p50 {:.0} us = {:.0} us",
+                percentile(&rtts, 0.5),
+                percentile(&writes, 0.5),
+                base
+            ),
+            format!("p99 = {:.2} x", p99 / base),
+            "p99 <= 3 x (RTT + write)",
+            p99 <= 3.0 * base,
+        );
+        let _ = std::fs::remove_dir_all(da);
+        let _ = std::fs::remove_dir_all(db_);
+    });
+}
+
+fn throughput() {
+    let twins = 1000;
+    let total = if quick() { 20_000 } else { 100_000 };
+    // Baseline: raw RocksDB write batches of the same shape (one key per twin
+    // update, ~100-byte values, 1000 per batch).
+    let dr = tmp("tp-raw");
+    let db = rocksdb::DB::open_default(&dr).unwrap();
+    let t = Instant::now();
+    for round in 0..total / twins {
+        let mut batch = rocksdb::WriteBatch::default();
+        for twin in 0..twins {
+            batch.put(format!("twin-{twin}-{round}"), [5u8; 100]);
+        }
+        db.write(batch).unwrap();
+    }
+    let raw = total as f64 / t.elapsed().as_secs_f64();
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dr);
+
+    let roster = roster();
+    let (da, db_) = (tmp("tp-a"), tmp("tp-b"));
+    let mut a = Replica::open(&da, EDGE, ReplicaOptions::default()).unwrap();
+    let mut b = Replica::open(&db_, CLOUD, ReplicaOptions::default()).unwrap();
+    let docs: Vec<DocId> = (0..twins)
+        .map(|i| {
+            format!("device-reported/edge-1/default/dev-{i}")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let mut sa = Session::new(CLOUD, &roster).unwrap();
+    let mut sb = Session::new(EDGE, &roster).unwrap();
+    sa.start(&a, &roster, true).unwrap();
+    sb.start(&b, &roster, false).unwrap();
+    let t = Instant::now();
+    for round in 0..total / twins {
+        for (i, d) in docs.iter().enumerate() {
+            a.write_json(
+                d,
+                &json!({"temp": format!("{}", (round + i) % 90), "state": "online"}),
+                1_000 + round as u64,
+            )
+            .unwrap();
+            sa.local_change(&EDGE, &roster, d);
+        }
+        settle(&mut a, &mut sa, &mut b, &mut sb, &roster);
+    }
+    let ours = total as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(
+        a.read_json(&docs[7]).unwrap(),
+        b.read_json(&docs[7]).unwrap()
+    );
+    row(
+        &format!("twin updates persisted and synced, {twins} twins, one thread"),
+        format!("{ours:.0} updates/s"),
+        format!("raw RocksDB batches {raw:.0} puts/s"),
+        format!("{:.3}", ours / raw),
+        ">= 20000 updates/s",
+        ours >= 20_000.0,
+    );
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(da);
+    let _ = std::fs::remove_dir_all(db_);
+}
+
+fn storage() {
+    let updates: u64 = if quick() { 100_000 } else { 1_000_000 };
+    let d = tmp("storage");
+    let mut r = Replica::open(&d, EDGE, ReplicaOptions::default()).unwrap();
+    let doc: DocId = "device-reported/edge-1/default/thermo-1".parse().unwrap();
+    let t = Instant::now();
+    for i in 0..updates {
+        r.write_json(&doc, &json!({"temp": format!("{}", i % 977), "humidity": format!("{}", i % 101), "state": "online", "lastOnline": i}), i).unwrap();
+    }
+    let took = t.elapsed().as_secs_f64();
+    r.store().flush_and_compact().unwrap();
+    let bytes = r.store().doc_bytes(&doc).unwrap();
+    let value = serde_json::to_vec(&r.read_json(&doc).unwrap())
+        .unwrap()
+        .len();
+    row(
+        &format!("storage of one twin after {updates} updates"),
+        format!("{bytes} B ({:.0} updates/s)", updates as f64 / took),
+        format!("current values as JSON: {value} B"),
+        format!("{:.1} x", bytes as f64 / value as f64),
+        "<= 64 KB",
+        bytes <= 64 * 1024,
+    );
+    drop(r);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// In a child process: open a replica as an idle peer would (a session with
+/// its index built) and report resident memory.
+fn memory_child(dir: &Path) {
+    let roster = roster();
+    let r = Replica::open(dir, CLOUD, ReplicaOptions::default()).unwrap();
+    let mut s = Session::new(EDGE, &roster).unwrap();
+    s.start(&r, &roster, true).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    println!("RSS {}", rss_bytes());
+}
+
+fn memory() {
+    let n = if quick() { 10_000 } else { 100_000 };
+    let full = tmp("mem-full");
+    let empty = tmp("mem-empty");
+    {
+        let mut r = Replica::open(&full, CLOUD, ReplicaOptions::default()).unwrap();
+        for i in 0..n {
+            let doc: DocId = format!("configmap/edge-1/default/cm-{i}").parse().unwrap();
+            r.write_json(&doc, &json!({"data": {"key": format!("value-{i}")}}), 1_000)
+                .unwrap();
+        }
+        r.store().flush_and_compact().unwrap();
+        drop(Replica::open(&empty, CLOUD, ReplicaOptions::default()).unwrap());
+    }
+    let exe = std::env::current_exe().unwrap();
+    let measure = |dir: &Path| -> u64 {
+        let out = std::process::Command::new(&exe)
+            .arg("memory-child")
+            .arg(dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("RSS "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let base = measure(&empty);
+    let with = measure(&full);
+    let per_1000 = with.saturating_sub(base) as f64 / (n as f64 / 1000.0);
+    row(
+        &format!("resident memory per 1,000 idle documents ({n} in the store)"),
+        format!("{:.2} MB", per_1000 / 1e6),
+        format!(
+            "empty replica {:.1} MB, with documents {:.1} MB",
+            base as f64 / 1e6,
+            with as f64 / 1e6
+        ),
+        "-".into(),
+        "<= 4 MB",
+        per_1000 <= 4e6,
+    );
+    let _ = std::fs::remove_dir_all(full);
+    let _ = std::fs::remove_dir_all(empty);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if args.first().map(String::as_str) == Some("memory-child") {
+        memory_child(Path::new(&args[1]));
+        return;
+    }
+    let all = ["reconcile", "live", "throughput", "storage", "memory"];
+    let chosen: Vec<&str> = if args.is_empty() {
+        all.to_vec()
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    println!("| benchmark | figure | baseline (same run) | ratio | target | |");
+    println!("|---|---|---|---|---|---|");
+    for section in chosen {
+        match section {
+            "reconcile" => reconcile(),
+            "live" => live(),
+            "throughput" => throughput(),
+            "storage" => storage(),
+            "memory" => memory(),
+            other => eprintln!("unknown section {other:?}; sections: {all:?}"),
+        }
+    }
+}
