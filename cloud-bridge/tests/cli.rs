@@ -10,6 +10,9 @@ fn help_describes_the_binary() {
         .expect("run outpost-cloud --help");
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Kubernetes API"), "--help says what outpost-cloud is: {text}");
+    assert!(
+        text.contains("Kubernetes API"),
+        "--help says what outpost-cloud is: {text}"
+    );
     assert!(text.contains("Usage: outpost-cloud"), "{text}");
 }

@@ -10,6 +10,9 @@ fn help_describes_the_binary() {
         .expect("run outpost-edge --help");
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("edge agent"), "--help says what outpost-edge is: {text}");
+    assert!(
+        text.contains("edge agent"),
+        "--help says what outpost-edge is: {text}"
+    );
     assert!(text.contains("Usage: outpost-edge"), "{text}");
 }

@@ -10,6 +10,9 @@ fn help_describes_the_binary() {
         .expect("run outpost-sim --help");
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("simulation harness"), "--help says what outpost-sim is: {text}");
+    assert!(
+        text.contains("simulation harness"),
+        "--help says what outpost-sim is: {text}"
+    );
     assert!(text.contains("Usage: outpost-sim"), "{text}");
 }
