@@ -37,7 +37,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::PeerId;
-use crate::access::{Role, Roster};
+use crate::access::Roster;
 use crate::document::{DocId, DocKind};
 use crate::replica::{Replica, ReplicaError};
 
@@ -705,13 +705,5 @@ fn priority(kind: DocKind) -> u8 {
         DocKind::NodeStatus => 0,
         DocKind::PodStatus | DocKind::DeviceReported => 1,
         _ => 2,
-    }
-}
-
-/// The role a peer plays, for logs.
-pub fn role_name(role: &Role) -> String {
-    match role {
-        Role::Cloud => "cloud".into(),
-        Role::Edge { node, .. } => format!("edge {node}"),
     }
 }
