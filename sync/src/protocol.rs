@@ -653,18 +653,14 @@ impl Session {
                 .or_else(|| acked.clone())
                 .unwrap_or_default();
             let acked_heads = acked.map(|a| a.1).unwrap_or_default();
-            let (generation, changes) =
-                replica.changes_for(&doc, their_gen, &their_heads, &acked_heads)?;
+            let out = replica.outgoing(&doc, their_gen, &their_heads, &acked_heads)?;
+            let (generation, changes) = (out.generation, out.changes);
             if changes.is_empty() {
                 continue;
             }
-            let oldest = changes
-                .iter()
-                .filter_map(|c| automerge::Change::from_bytes(c.clone()).ok())
-                .map(|c| c.timestamp())
-                .min()
-                .unwrap_or_default();
-            self.unacked.entry(doc.clone()).or_insert(oldest);
+            self.unacked
+                .entry(doc.clone())
+                .or_insert(out.oldest_commit_ms.unwrap_or_default());
             if let Some(entry) = replica.entry(&doc)? {
                 self.sent
                     .insert(doc.clone(), (entry.generation, entry.heads.clone()));

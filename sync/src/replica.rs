@@ -104,6 +104,17 @@ pub struct Applied {
     pub batch_heads: Vec<[u8; 32]>,
 }
 
+/// Changes to send a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outgoing {
+    /// This replica's generation of the document.
+    pub generation: u64,
+    /// Encoded changes the peer lacks.
+    pub changes: Vec<Vec<u8>>,
+    /// Commit time (ms) of the oldest of them.
+    pub oldest_commit_ms: Option<i64>,
+}
+
 fn batch_heads(changes: &[Change]) -> Vec<[u8; 32]> {
     let deps: std::collections::HashSet<ChangeHash> = changes
         .iter()
@@ -381,12 +392,28 @@ impl Replica {
         their_heads: &[[u8; 32]],
         acked_heads: &[[u8; 32]],
     ) -> Result<(u64, Vec<Vec<u8>>), ReplicaError> {
+        let out = self.outgoing(doc, their_generation, their_heads, acked_heads)?;
+        Ok((out.generation, out.changes))
+    }
+
+    /// [`Replica::changes_for`], with the commit time of the oldest change
+    /// (for the sender's watermark), read while the changes are decoded anyway.
+    pub fn outgoing(
+        &mut self,
+        doc: &DocId,
+        their_generation: u64,
+        their_heads: &[[u8; 32]],
+        acked_heads: &[[u8; 32]],
+    ) -> Result<Outgoing, ReplicaError> {
         let Some(loaded) = self.load(doc)? else {
-            return Ok((0, Vec::new()));
+            return Ok(Outgoing::default());
         };
         let generation = loaded.entry.generation;
         if their_generation > generation {
-            return Ok((generation, Vec::new()));
+            return Ok(Outgoing {
+                generation,
+                ..Default::default()
+            });
         }
         let have: Vec<ChangeHash> = if their_generation < generation {
             Vec::new() // a newer generation: all of it
@@ -414,13 +441,11 @@ impl Replica {
             known
         };
         let changes = loaded.doc.get_changes(&have);
-        Ok((
+        Ok(Outgoing {
             generation,
-            changes
-                .into_iter()
-                .map(|c| c.raw_bytes().to_vec())
-                .collect(),
-        ))
+            oldest_commit_ms: changes.iter().map(Change::timestamp).min(),
+            changes: changes.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+        })
     }
 
     /// Applies a batch of a peer's changes to a document and persists them
@@ -593,14 +618,4 @@ fn json_value(v: &serde_json::Value) -> hydrate::Value {
         )),
         serde_json::Value::Object(map) => hydrate::Value::Map(json_map(map)),
     }
-}
-
-/// The JSON value of a document at the root (for tests and tools).
-pub fn doc_json(doc: &AutoCommit) -> serde_json::Value {
-    serde_json::to_value(AutoSerde::from(doc)).unwrap_or(serde_json::Value::Null)
-}
-
-/// Keys of the root map of a loaded document (used by tests).
-pub fn root_keys(doc: &AutoCommit) -> Vec<String> {
-    doc.keys(automerge::ROOT).collect()
 }

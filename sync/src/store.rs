@@ -331,7 +331,8 @@ impl Store {
             self.put_snapshot(&mut batch, doc, entry, &snapshot());
         } else {
             for bytes in changes {
-                let hash: [u8; 32] = *blake3_change_hash(bytes).as_bytes();
+                // Content addressing: re-writing the same change is idempotent.
+                let hash: [u8; 32] = *blake3::hash(bytes).as_bytes();
                 let mut key = prefix.clone();
                 key.extend_from_slice(&hash);
                 batch.put_cf(self.cf(CF_CHUNKS), key, bytes);
@@ -469,10 +470,4 @@ fn dir_size(path: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// The key of a change chunk: a hash of its bytes (content addressing makes
-/// re-writing the same change idempotent).
-fn blake3_change_hash(bytes: &[u8]) -> blake3::Hash {
-    blake3::hash(bytes)
 }
