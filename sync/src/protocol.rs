@@ -39,7 +39,8 @@ use serde::{Deserialize, Serialize};
 use crate::PeerId;
 use crate::access::Roster;
 use crate::document::{DocId, DocKind};
-use crate::replica::{Replica, ReplicaError};
+use crate::replica::{Incoming, Replica, ReplicaError, change_author, decode_changes};
+use crate::store::Batch;
 
 /// The protocol version spoken.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -475,35 +476,52 @@ impl Session {
                 }
             }
             Message::Changes(docs) => {
-                let mut acks = Vec::new();
+                // Check every document's scope and every change's author,
+                // then apply all that pass in one write.
+                let mut incoming = Vec::with_capacity(docs.len());
                 for dc in docs {
-                    let changes: Vec<Vec<u8>> = dc
-                        .changes
-                        .into_iter()
-                        .map(serde_bytes::ByteBuf::into_vec)
-                        .collect();
+                    let n = dc.changes.len() as u64;
                     if !roster.may_read(&self.peer, &dc.doc)
                         || !roster.may_read(&me, &dc.doc) && roster.role(&me).is_some()
                     {
-                        self.stats.rejected += changes.len() as u64;
+                        self.stats.rejected += n;
                         events.push(Event::Rejected {
                             doc: dc.doc,
                             reason: "outside the shared scope".into(),
                         });
                         continue;
                     }
-                    let Some(authors) = Replica::authors(&changes) else {
-                        return Err(malformed(format!("undecodable change for {}", dc.doc)));
+                    let changes = match decode_changes(
+                        &dc.doc,
+                        dc.changes.into_iter().map(serde_bytes::ByteBuf::into_vec),
+                    ) {
+                        Ok(changes) => changes,
+                        Err(e) => return Err(malformed(e.to_string())),
                     };
-                    if let Some(bad) = authors.iter().find(|a| !roster.may_write(a, &dc.doc)) {
-                        self.stats.rejected += changes.len() as u64;
+                    let bad = changes.iter().find_map(|c| match change_author(c) {
+                        Some(author) if roster.may_write(&author, &dc.doc) => None,
+                        Some(author) => Some(format!("author {author} may not write it")),
+                        None => Some("a change has no author identity".to_string()),
+                    });
+                    if let Some(reason) = bad {
+                        self.stats.rejected += n;
                         events.push(Event::Rejected {
                             doc: dc.doc,
-                            reason: format!("author {bad} may not write it"),
+                            reason,
                         });
                         continue;
                     }
-                    let applied = match replica.apply(&dc.doc, dc.generation, &changes) {
+                    incoming.push(Incoming {
+                        doc: dc.doc,
+                        generation: dc.generation,
+                        changes,
+                    });
+                }
+                let docs: Vec<DocId> = incoming.iter().map(|i| i.doc.clone()).collect();
+                let results = replica.apply_batch(incoming)?;
+                let mut acks = Vec::new();
+                for (doc, result) in docs.into_iter().zip(results) {
+                    let applied = match result {
                         Ok(applied) => applied,
                         Err(ReplicaError::MalformedChange { doc, reason }) => {
                             return Err(malformed(format!("change for {doc}: {reason}")));
@@ -516,7 +534,7 @@ impl Session {
                     // The sender has at least the batch's heads. If this
                     // replica has more (concurrent changes), send them back.
                     self.theirs.insert(
-                        dc.doc.clone(),
+                        doc.clone(),
                         (applied.entry.generation, applied.batch_heads.clone()),
                     );
                     // Only when the batch brought something new: a batch of
@@ -526,30 +544,30 @@ impl Session {
                         && applied.entry.heads != applied.batch_heads
                     {
                         let (_, extra) = replica.changes_for(
-                            &dc.doc,
+                            &doc,
                             applied.entry.generation,
                             &applied.batch_heads,
                             &[],
                         )?;
                         if !extra.is_empty() {
-                            self.dirty.insert((priority(dc.doc.kind()), dc.doc.clone()));
+                            self.dirty.insert((priority(doc.kind()), doc.clone()));
                         }
                     }
                     if applied.missing_deps {
                         self.push(Message::Need(Item {
-                            doc: dc.doc.clone(),
+                            doc: doc.clone(),
                             generation: applied.entry.generation,
                             heads: applied.entry.heads.clone(),
                         }));
                     }
                     acks.push(Item {
-                        doc: dc.doc.clone(),
+                        doc: doc.clone(),
                         generation: applied.entry.generation,
                         heads: applied.entry.heads,
                     });
                     if applied.new_changes > 0 {
                         events.push(Event::Applied {
-                            doc: dc.doc,
+                            doc,
                             lag_ms: applied.commit_times_ms,
                         });
                     }
@@ -559,14 +577,18 @@ impl Session {
                 }
             }
             Message::Ack(items) => {
+                let mut batch = Batch::default();
                 for item in items {
                     if !shared(roster, &me, &self.peer, &item.doc) {
                         continue;
                     }
-                    replica
-                        .store()
-                        .put_peer_ack(&self.peer.0, &item.doc, item.generation, &item.heads)
-                        .map_err(ReplicaError::from)?;
+                    replica.store().stage_peer_ack(
+                        &mut batch,
+                        &self.peer.0,
+                        &item.doc,
+                        item.generation,
+                        &item.heads,
+                    );
                     if let Some((g, heads)) = self.sent.get(&item.doc) {
                         let covered = item.generation > *g
                             || (item.generation == *g
@@ -577,6 +599,10 @@ impl Session {
                     }
                     self.theirs.insert(item.doc, (item.generation, item.heads));
                 }
+                replica
+                    .store()
+                    .commit(batch)
+                    .map_err(ReplicaError::from)?;
             }
             Message::Need(item) => {
                 if shared(roster, &me, &self.peer, &item.doc) {
@@ -685,7 +711,8 @@ impl Session {
 
     fn count(&mut self, msg: Message) -> Message {
         self.stats.messages_out += 1;
-        self.stats.bytes_out += encode(&msg).len() as u64;
+        // Sizing these plain types cannot fail.
+        self.stats.bytes_out += postcard::experimental::serialized_size(&msg).unwrap_or(0) as u64;
         msg
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::broadcast;
 use crate::PeerId;
 use crate::document::DocId;
 use crate::hlc::{Clock, Hlc};
-use crate::store::{IndexEntry, Store, StoreError, StoreOptions, sorted_heads};
+use crate::store::{Batch, IndexEntry, Store, StoreError, StoreOptions, sorted_heads};
 
 /// Errors of replica operations.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +154,35 @@ impl std::fmt::Debug for Replica {
             .field("store", &self.store)
             .finish()
     }
+}
+
+/// Decoded changes of one document received from a peer, for
+/// [`Replica::apply_batch`].
+#[derive(Debug)]
+pub struct Incoming {
+    /// The document.
+    pub doc: DocId,
+    /// The sender's generation of it.
+    pub generation: u64,
+    /// The changes.
+    pub changes: Vec<Change>,
+}
+
+/// Decodes changes received for `doc`; the first that does not decode
+/// fails the lot.
+pub fn decode_changes(
+    doc: &DocId,
+    changes: impl IntoIterator<Item = Vec<u8>>,
+) -> Result<Vec<Change>, ReplicaError> {
+    changes
+        .into_iter()
+        .map(|bytes| {
+            Change::from_bytes(bytes).map_err(|e| ReplicaError::MalformedChange {
+                doc: doc.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// The identity that wrote a change: the first 32 bytes of its actor id.
@@ -310,6 +339,75 @@ impl Replica {
         value: &serde_json::Value,
         now_ms: u64,
     ) -> Result<Option<ChangeHash>, ReplicaError> {
+        Ok(self
+            .write_many([(doc, value)], now_ms)?
+            .into_iter()
+            .next()
+            .flatten())
+    }
+
+    /// Writes many documents (each a JSON object, the whole document) and
+    /// persists all their changes in one atomic write: a report cycle of many
+    /// devices costs one store write. Returns each write's change hash, or
+    /// `None` where nothing changed. On an error nothing is persisted.
+    pub fn write_many<'a>(
+        &mut self,
+        items: impl IntoIterator<Item = (&'a DocId, &'a serde_json::Value)>,
+        now_ms: u64,
+    ) -> Result<Vec<Option<ChangeHash>>, ReplicaError> {
+        let items: Vec<(&DocId, &serde_json::Value)> = items.into_iter().collect();
+        // Refuse bad input before any document is touched.
+        for (doc, value) in &items {
+            if !value.is_object() {
+                return Err(ReplicaError::NotAnObject {
+                    doc: (*doc).clone(),
+                    found: json_kind(value),
+                });
+            }
+        }
+        let mut batch = Batch::default();
+        let mut touched: Vec<DocId> = Vec::new();
+        let mut out = Vec::with_capacity(items.len());
+        for (doc, value) in items {
+            match self.stage_write(&mut batch, doc, value, now_ms) {
+                Ok(hash) => {
+                    if hash.is_some() {
+                        touched.push(doc.clone());
+                    }
+                    out.push(hash);
+                }
+                Err(e) => {
+                    touched.push(doc.clone());
+                    self.discard(&touched);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.store.commit(batch) {
+            self.discard(&touched);
+            return Err(e.into());
+        }
+        for doc in touched {
+            let _ = self.events.send(doc);
+        }
+        Ok(out)
+    }
+
+    /// Forgets loaded documents whose staged writes were not persisted, so
+    /// that they are read back from the store as it is.
+    fn discard(&mut self, docs: &[DocId]) {
+        for doc in docs {
+            self.cache.pop(doc);
+        }
+    }
+
+    fn stage_write(
+        &mut self,
+        batch: &mut Batch,
+        doc: &DocId,
+        value: &serde_json::Value,
+        now_ms: u64,
+    ) -> Result<Option<ChangeHash>, ReplicaError> {
         let serde_json::Value::Object(map) = value else {
             return Err(ReplicaError::NotAnObject {
                 doc: doc.clone(),
@@ -365,9 +463,8 @@ impl Replica {
             entry.changes = 1;
             entry.heads = sorted_heads(&fresh.get_heads());
             let saved = fresh.save();
-            self.store.replace(doc, &mut entry, &saved)?;
+            self.store.stage_replace(batch, doc, &mut entry, &saved);
             self.cache.put(doc.clone(), Loaded { doc: fresh, entry });
-            let _ = self.events.send(doc.clone());
             return Ok(Some(hash));
         }
         let Some(change) = loaded.doc.get_change_by_hash(&hash) else {
@@ -376,9 +473,8 @@ impl Replica {
         let bytes = change.raw_bytes().to_vec();
         let doc_ref = &mut loaded.doc;
         self.store
-            .append(doc, &mut entry, &[bytes], || doc_ref.save())?;
+            .stage_append(batch, doc, &mut entry, &[bytes], || doc_ref.save());
         loaded.entry = entry;
-        let _ = self.events.send(doc.clone());
         Ok(Some(hash))
     }
 
@@ -458,16 +554,58 @@ impl Replica {
         generation: u64,
         changes: &[Vec<u8>],
     ) -> Result<Applied, ReplicaError> {
-        let mut decoded = Vec::with_capacity(changes.len());
-        for bytes in changes {
-            decoded.push(Change::from_bytes(bytes.clone()).map_err(|e| {
-                ReplicaError::MalformedChange {
-                    doc: doc.clone(),
-                    reason: e.to_string(),
-                }
-            })?);
+        let decoded = decode_changes(doc, changes.iter().cloned())?;
+        self.apply_batch(vec![Incoming {
+            doc: doc.clone(),
+            generation,
+            changes: decoded,
+        }])?
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| Ok(Applied::default()))
+    }
+
+    /// Applies decoded changes of many documents and persists all of them in
+    /// one atomic write. Each document gets its own result: one that fails
+    /// (automerge refuses its changes, its stored form is corrupt) is left as
+    /// it was, the others proceed. The outer error is the store failing to
+    /// write, and then nothing is persisted.
+    pub fn apply_batch(
+        &mut self,
+        items: Vec<Incoming>,
+    ) -> Result<Vec<Result<Applied, ReplicaError>>, ReplicaError> {
+        let mut batch = Batch::default();
+        let mut touched: Vec<DocId> = Vec::new();
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let doc = item.doc.clone();
+            let result = self.stage_apply(&mut batch, item);
+            match &result {
+                Ok(applied) if applied.new_changes > 0 => touched.push(doc),
+                Ok(_) => {}
+                // The loaded document may be half-changed: read it again.
+                Err(_) => self.discard(std::slice::from_ref(&doc)),
+            }
+            results.push(result);
         }
-        let batch = batch_heads(&decoded);
+        if let Err(e) = self.store.commit(batch) {
+            self.discard(&touched);
+            return Err(e.into());
+        }
+        for doc in touched {
+            let _ = self.events.send(doc);
+        }
+        Ok(results)
+    }
+
+    fn stage_apply(&mut self, batch: &mut Batch, item: Incoming) -> Result<Applied, ReplicaError> {
+        let Incoming {
+            doc,
+            generation,
+            changes: decoded,
+        } = item;
+        let doc = &doc;
+        let batch_heads = batch_heads(&decoded);
         let actor = self.actor.clone();
         let current = self.load(doc)?.map(|l| l.entry.generation);
         let am_err = |e: automerge::AutomergeError| ReplicaError::Automerge {
@@ -499,7 +637,7 @@ impl Replica {
                 };
                 let missing_deps = !am.get_missing_deps(&[]).is_empty();
                 let saved = am.save();
-                self.store.replace(doc, &mut entry, &saved)?;
+                self.store.stage_replace(batch, doc, &mut entry, &saved);
                 self.cache.put(
                     doc.clone(),
                     Loaded {
@@ -507,14 +645,13 @@ impl Replica {
                         entry: entry.clone(),
                     },
                 );
-                let _ = self.events.send(doc.clone());
                 return Ok(Applied {
                     new_changes: n,
                     entry,
                     missing_deps,
                     stale: false,
                     commit_times_ms: times,
-                    batch_heads: batch,
+                    batch_heads,
                 });
             }
         }
@@ -530,7 +667,7 @@ impl Replica {
             return Ok(Applied {
                 entry: loaded.entry.clone(),
                 missing_deps,
-                batch_heads: batch,
+                batch_heads,
                 ..Default::default()
             });
         }
@@ -544,16 +681,15 @@ impl Replica {
         let missing_deps = !loaded.doc.get_missing_deps(&[]).is_empty();
         let doc_ref = &mut loaded.doc;
         self.store
-            .append(doc, &mut entry, &bytes, || doc_ref.save())?;
+            .stage_append(batch, doc, &mut entry, &bytes, || doc_ref.save());
         loaded.entry = entry.clone();
-        let _ = self.events.send(doc.clone());
         Ok(Applied {
             new_changes: n,
             entry,
             missing_deps,
             stale: false,
             commit_times_ms: times,
-            batch_heads: batch,
+            batch_heads,
         })
     }
 

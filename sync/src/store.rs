@@ -125,6 +125,29 @@ impl Default for StoreOptions {
     }
 }
 
+/// Writes staged for one atomic commit ([`Store::commit`]), so that many
+/// documents' changes cost one write.
+#[derive(Default)]
+pub struct Batch(WriteBatch, usize);
+
+impl Batch {
+    /// Records staged so far.
+    pub fn len(&self) -> usize {
+        self.1
+    }
+
+    /// Nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.1 == 0
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("records", &self.1).finish()
+    }
+}
+
 /// The RocksDB event store of one replica.
 pub struct Store {
     db: DB,
@@ -324,22 +347,36 @@ impl Store {
         changes: &[Vec<u8>],
         snapshot: impl FnOnce() -> Vec<u8>,
     ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
+        self.stage_append(&mut batch, doc, entry, changes, snapshot);
+        self.commit(batch)
+    }
+
+    /// Stages [`Store::append`] in `batch`, to be written with others by
+    /// [`Store::commit`].
+    pub fn stage_append(
+        &self,
+        batch: &mut Batch,
+        doc: &DocId,
+        entry: &mut IndexEntry,
+        changes: &[Vec<u8>],
+        snapshot: impl FnOnce() -> Vec<u8>,
+    ) {
         let prefix = chunk_prefix(doc);
         entry.chunks = entry.chunks.saturating_add(changes.len() as u32);
         if entry.chunks > self.options.compact_after_chunks {
-            self.put_snapshot(&mut batch, doc, entry, &snapshot());
+            self.put_snapshot(&mut batch.0, doc, entry, &snapshot());
         } else {
             for bytes in changes {
                 // Content addressing: re-writing the same change is idempotent.
                 let hash: [u8; 32] = *blake3::hash(bytes).as_bytes();
                 let mut key = prefix.clone();
                 key.extend_from_slice(&hash);
-                batch.put_cf(self.cf(CF_CHUNKS), key, bytes);
+                batch.0.put_cf(self.cf(CF_CHUNKS), key, bytes);
             }
         }
-        self.put_index(&mut batch, doc, entry);
-        self.write(batch)
+        self.put_index(&mut batch.0, doc, entry);
+        batch.1 += 1;
     }
 
     /// Replaces a document wholesale with a saved document: compaction, a
@@ -350,10 +387,25 @@ impl Store {
         entry: &mut IndexEntry,
         saved: &[u8],
     ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        self.put_snapshot(&mut batch, doc, entry, saved);
-        self.put_index(&mut batch, doc, entry);
-        self.write(batch)
+        let mut batch = Batch::default();
+        self.stage_replace(&mut batch, doc, entry, saved);
+        self.commit(batch)
+    }
+
+    /// Stages [`Store::replace`] in `batch`.
+    pub fn stage_replace(&self, batch: &mut Batch, doc: &DocId, entry: &mut IndexEntry, saved: &[u8]) {
+        self.put_snapshot(&mut batch.0, doc, entry, saved);
+        self.put_index(&mut batch.0, doc, entry);
+        batch.1 += 1;
+    }
+
+    /// Writes everything staged in `batch` in one atomic write: all of it
+    /// survives a crash, or none of it.
+    pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.1 == 0 {
+            return Ok(());
+        }
+        self.write(batch.0)
     }
 
     fn put_snapshot(
@@ -405,12 +457,26 @@ impl Store {
         generation: u64,
         heads: &[[u8; 32]],
     ) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        self.stage_peer_ack(&mut batch, peer, doc, generation, heads);
+        self.commit(batch)
+    }
+
+    /// Stages [`Store::put_peer_ack`] in `batch`.
+    pub fn stage_peer_ack(
+        &self,
+        batch: &mut Batch,
+        peer: &[u8; 32],
+        doc: &DocId,
+        generation: u64,
+        heads: &[[u8; 32]],
+    ) {
         let mut key = peer.to_vec();
         key.extend_from_slice(doc.as_str().as_bytes());
+        // postcard cannot fail on a tuple of an integer and byte arrays.
         let bytes = postcard::to_allocvec(&(generation, heads)).unwrap_or_default();
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_PEERS), key, bytes);
-        self.write(batch)
+        batch.0.put_cf(self.cf(CF_PEERS), key, bytes);
+        batch.1 += 1;
     }
 
     /// Bytes of one document's records: index entry, snapshot and chunks
