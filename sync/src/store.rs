@@ -114,6 +114,10 @@ pub struct StoreOptions {
     pub sync_writes: bool,
     /// Fold change chunks into a snapshot once a document has this many.
     pub compact_after_chunks: u32,
+    /// Keep the store's files in memory instead of on disk (simulation and
+    /// tests). Stores reopened with the same [`MemoryDisk`] and path find
+    /// what was written before, as after a process restart.
+    pub memory: Option<MemoryDisk>,
 }
 
 impl Default for StoreOptions {
@@ -121,7 +125,31 @@ impl Default for StoreOptions {
         Self {
             sync_writes: false,
             compact_after_chunks: 64,
+            memory: None,
         }
+    }
+}
+
+/// An in-memory file system for stores: RocksDB's memory environment. Clones
+/// share the same files. Many stores (a simulated fleet) can live in one.
+#[derive(Clone)]
+pub struct MemoryDisk(rocksdb::Env);
+
+impl MemoryDisk {
+    /// A new, empty in-memory file system.
+    pub fn new() -> Result<Self, StoreError> {
+        rocksdb::Env::mem_env()
+            .map(Self)
+            .map_err(|source| StoreError::Db {
+                path: PathBuf::from("<memory>"),
+                source,
+            })
+    }
+}
+
+impl std::fmt::Debug for MemoryDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryDisk")
     }
 }
 
@@ -187,6 +215,12 @@ impl Store {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(64 << 20);
         db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        if let Some(disk) = &options.memory {
+            db_opts.set_env(&disk.0);
+            // Many small stores share one process: keep each one's buffers small.
+            db_opts.set_write_buffer_size(1 << 20);
+            db_opts.set_max_write_buffer_number(2);
+        }
         let cfs = [CF_CHUNKS, CF_SNAPSHOTS, CF_INDEX, CF_PEERS, CF_META]
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));

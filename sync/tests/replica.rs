@@ -149,3 +149,30 @@ fn rolling_documents_stay_bounded_and_newer_generations_win() {
     let _ = std::fs::remove_dir_all(&da);
     let _ = std::fs::remove_dir_all(&db);
 }
+
+#[test]
+fn a_memory_store_survives_reopening_on_the_same_disk() {
+    use outpost_sync::store::{MemoryDisk, StoreOptions};
+    let disk = MemoryDisk::new().unwrap();
+    let options = || ReplicaOptions {
+        store: StoreOptions {
+            memory: Some(disk.clone()),
+            ..StoreOptions::default()
+        },
+        ..ReplicaOptions::default()
+    };
+    let doc: DocId = "device-reported/edge-1/default/m-1".parse().unwrap();
+    let path = &dir("memory");
+    {
+        let mut r = Replica::open(path, PeerId([7; 32]), options()).unwrap();
+        r.write_json(&doc, &serde_json::json!({"temp": "21"}), 1).unwrap();
+    }
+    let mut r = Replica::open(path, PeerId([7; 32]), options()).unwrap();
+    assert_eq!(
+        r.read_json(&doc).unwrap(),
+        Some(serde_json::json!({"temp": "21"}))
+    );
+    // The binding creates the directory; the files stay in memory.
+    let on_disk = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(on_disk, 0, "nothing is written to the real disk");
+}
