@@ -23,6 +23,7 @@ pub mod document;
 pub mod hlc;
 pub mod identity;
 pub mod replica;
+pub mod schema;
 pub mod signal;
 pub mod store;
 pub mod transport;

@@ -23,6 +23,7 @@ use tokio::sync::broadcast;
 use crate::PeerId;
 use crate::document::DocId;
 use crate::hlc::{Clock, Hlc};
+use crate::schema::Schema;
 use crate::store::{Batch, IndexEntry, Store, StoreError, StoreOptions, sorted_heads};
 
 /// Errors of replica operations.
@@ -54,6 +55,16 @@ pub enum ReplicaError {
         doc: DocId,
         /// What automerge said.
         reason: String,
+    },
+    /// A typed write or read of a document of another kind.
+    #[error("document {doc} is a {found}, not a {expected}")]
+    WrongKind {
+        /// The document.
+        doc: DocId,
+        /// The kind the schema describes.
+        expected: &'static str,
+        /// The document's kind.
+        found: &'static str,
     },
     /// A change received from a peer does not decode.
     #[error("document {doc}: malformed change: {reason}")]
@@ -313,6 +324,25 @@ impl Replica {
                     reason: e.to_string(),
                 }),
         }
+    }
+
+    /// Writes a document of a known schema (diffed: unchanged fields produce
+    /// no operations). Refuses a document of another kind.
+    pub fn put<T: Schema>(
+        &mut self,
+        doc: &DocId,
+        value: &T,
+        now_ms: u64,
+    ) -> Result<Option<ChangeHash>, ReplicaError> {
+        check_kind::<T>(doc)?;
+        self.write(doc, value, now_ms)
+    }
+
+    /// Reads a document of a known schema. Refuses a document of another
+    /// kind; `None` when the replica does not have it.
+    pub fn get<T: Schema>(&mut self, doc: &DocId) -> Result<Option<T>, ReplicaError> {
+        check_kind::<T>(doc)?;
+        self.read(doc)
     }
 
     /// Writes a typed value as the whole document (diffed: unchanged fields
@@ -712,6 +742,18 @@ impl Replica {
                     .and_then(|c| change_author(&c))
             })
             .collect()
+    }
+}
+
+fn check_kind<T: Schema>(doc: &DocId) -> Result<(), ReplicaError> {
+    if doc.kind() == T::KIND {
+        Ok(())
+    } else {
+        Err(ReplicaError::WrongKind {
+            doc: doc.clone(),
+            expected: T::KIND.as_str(),
+            found: doc.kind().as_str(),
+        })
     }
 }
 
