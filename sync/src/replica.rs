@@ -167,6 +167,106 @@ impl std::fmt::Debug for Replica {
     }
 }
 
+/// A set of documents to watch: by kind, by owning node or site, or both.
+/// The empty scope matches every document.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    kinds: Vec<crate::document::DocKind>,
+    node: Option<String>,
+    site: Option<String>,
+}
+
+impl Scope {
+    /// Every document.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Also require one of these kinds.
+    pub fn kinds(mut self, kinds: impl IntoIterator<Item = crate::document::DocKind>) -> Self {
+        self.kinds.extend(kinds);
+        self
+    }
+
+    /// Also require documents owned by this node.
+    pub fn node(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// Also require documents shared by this site.
+    pub fn site(mut self, site: impl Into<String>) -> Self {
+        self.site = Some(site.into());
+        self
+    }
+
+    /// Whether `doc` is in the scope.
+    pub fn matches(&self, doc: &DocId) -> bool {
+        use crate::document::Owner;
+        (self.kinds.is_empty() || self.kinds.contains(&doc.kind()))
+            && self
+                .node
+                .as_deref()
+                .is_none_or(|n| doc.owner() == Owner::Node(n))
+            && self
+                .site
+                .as_deref()
+                .is_none_or(|s| doc.owner() == Owner::Site(s))
+    }
+}
+
+/// Why a subscription yielded no document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionError {
+    /// The receiver fell behind and missed this many events: re-read the
+    /// documents of the scope, then go on receiving.
+    #[error("subscription lagged: {0} events missed; re-read the scope")]
+    Lagged(u64),
+    /// The replica is gone.
+    #[error("the replica was closed")]
+    Closed,
+}
+
+/// Changed documents of one [`Scope`], from [`Replica::subscribe_scope`].
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<DocId>,
+    scope: Scope,
+}
+
+impl Subscription {
+    /// The next changed document in the scope.
+    pub async fn recv(&mut self) -> Result<DocId, SubscriptionError> {
+        loop {
+            match self.rx.recv().await {
+                Ok(doc) if self.scope.matches(&doc) => return Ok(doc),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    return Err(SubscriptionError::Lagged(n));
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err(SubscriptionError::Closed),
+            }
+        }
+    }
+
+    /// A changed document in the scope, if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Option<DocId>, SubscriptionError> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(doc) if self.scope.matches(&doc) => return Ok(Some(doc)),
+                Ok(_) => {}
+                Err(broadcast::error::TryRecvError::Empty) => return Ok(None),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    return Err(SubscriptionError::Lagged(n));
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    return Err(SubscriptionError::Closed);
+                }
+            }
+        }
+    }
+}
+
 /// Decoded changes of one document received from a peer, for
 /// [`Replica::apply_batch`].
 #[derive(Debug)]
@@ -260,6 +360,15 @@ impl Replica {
     /// should then re-read the index.
     pub fn subscribe(&self) -> broadcast::Receiver<DocId> {
         self.events.subscribe()
+    }
+
+    /// Ids of changed documents within `scope`, as they are persisted. See
+    /// [`Subscription`].
+    pub fn subscribe_scope(&self, scope: Scope) -> Subscription {
+        Subscription {
+            rx: self.events.subscribe(),
+            scope,
+        }
     }
 
     /// The hybrid logical clock's next timestamp.

@@ -176,3 +176,26 @@ fn a_memory_store_survives_reopening_on_the_same_disk() {
     let on_disk = std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0);
     assert_eq!(on_disk, 0, "nothing is written to the real disk");
 }
+
+#[test]
+fn a_scoped_subscription_sees_only_its_documents() {
+    use outpost_sync::replica::Scope;
+    let mut r = Replica::open(dir("scope"), PeerId([7; 32]), ReplicaOptions::default()).unwrap();
+    let mut devices = r.subscribe_scope(Scope::all().kinds([DocKind::DeviceDesired]).node("edge-1"));
+    let mut everything = r.subscribe_scope(Scope::all());
+    let mine: DocId = "device-desired/edge-1/default/d-1".parse().unwrap();
+    let other_node: DocId = "device-desired/edge-2/default/d-2".parse().unwrap();
+    let other_kind: DocId = "device-reported/edge-1/default/d-1".parse().unwrap();
+    for doc in [&other_node, &other_kind, &mine] {
+        r.write_json(doc, &json!({"v": "1"}), 1).unwrap();
+    }
+    // An unchanged write persists nothing and tells no one.
+    r.write_json(&mine, &json!({"v": "1"}), 2).unwrap();
+    assert_eq!(devices.try_recv().unwrap(), Some(mine.clone()));
+    assert_eq!(devices.try_recv().unwrap(), None);
+    let mut all = Vec::new();
+    while let Some(doc) = everything.try_recv().unwrap() {
+        all.push(doc);
+    }
+    assert_eq!(all, vec![other_node, other_kind, mine]);
+}
