@@ -1,17 +1,217 @@
 //! `outpost-sim`: the Outpost network-chaos simulation harness.
 
-use clap::{CommandFactory, Parser};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use outpost_simulation::scenario::{Dur, Nemesis, Scenario};
+use outpost_simulation::{Report, run};
 
 /// `outpost-sim`: the Outpost network-chaos simulation harness.
 ///
-/// It runs fleets of Outpost replicas under partitions, loss, reordering, crashes and clock skew, from one seed, and checks that every replica converges and no acknowledged write is lost.
+/// It runs fleets of Outpost replicas (cloud replicas and edges grouped into
+/// sites, each a real replica on an in-memory store) over a simulated network
+/// in simulated time, under partitions, loss, reordering, crashes and clock
+/// skew, every choice drawn from one seed. Once the faults heal it checks
+/// that every replica converges, no acknowledged write is lost, desired-value
+/// conflicts follow the hybrid-logical-clock rule, storage stays bounded and
+/// sync resumes. A failure prints its seed and the command that replays it.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-sim", version, about, long_about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs one seed of a scenario and prints its report; exits 1 when a checker fails.
+    Run {
+        /// The seed: the same seed and scenario give the same history.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[command(flatten)]
+        shape: Shape,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Runs many seeds (with the nemesis unless the scenario has its own
+    /// timeline) and prints one line per seed and a summary; exits 1 when any seed fails.
+    Soak {
+        /// How many seeds.
+        #[arg(long, default_value_t = 20)]
+        seeds: u64,
+        /// The first seed.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[command(flatten)]
+        shape: Shape,
+    },
+}
+
+/// The scenario and what the command line overrides of it.
+#[derive(Debug, Args, Clone)]
+struct Shape {
+    /// Scenario file (TOML; see simulation/scenarios/). Default: 1 cloud, 10 edges in 2 sites, 2 minutes, no faults.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Add random faults drawn from the seed (the scenario's [nemesis] settings, or the defaults).
+    #[arg(long)]
+    nemesis: bool,
+    /// Number of edges (overrides fleet.edges).
+    #[arg(long)]
+    edges: Option<usize>,
+    /// Number of sites (overrides fleet.sites).
+    #[arg(long)]
+    sites: Option<usize>,
+    /// Number of cloud replicas (overrides fleet.clouds).
+    #[arg(long)]
+    clouds: Option<usize>,
+    /// Simulated time with workload and faults, e.g. 90s, 10m (overrides duration).
+    #[arg(long)]
+    duration: Option<Dur>,
+}
+
+impl Shape {
+    fn scenario(&self) -> anyhow::Result<Scenario> {
+        let mut s = match &self.scenario {
+            Some(path) => Scenario::load(path)?,
+            None => Scenario::default(),
+        };
+        if let Some(n) = self.edges {
+            s.fleet.edges = n;
+        }
+        if let Some(n) = self.sites {
+            s.fleet.sites = n;
+        }
+        if let Some(n) = self.clouds {
+            s.fleet.clouds = n;
+        }
+        if let Some(d) = self.duration {
+            s.duration = d;
+        }
+        if self.nemesis && s.nemesis.is_none() {
+            s.nemesis = Some(Nemesis::default());
+        }
+        let origin = self
+            .scenario
+            .as_ref()
+            .map_or("the command line".to_string(), |p| p.display().to_string());
+        s.validate()
+            .map_err(|e| anyhow::anyhow!("scenario from {origin} with the overrides: {e}"))?;
+        Ok(s)
+    }
+
+    /// The command line that replays `seed` with this shape.
+    fn replay(&self, seed: u64) -> String {
+        let mut cmd = format!("outpost-sim run --seed {seed}");
+        if let Some(p) = &self.scenario {
+            cmd.push_str(&format!(" --scenario {}", p.display()));
+        }
+        if self.nemesis {
+            cmd.push_str(" --nemesis");
+        }
+        for (flag, v) in [
+            ("--edges", self.edges),
+            ("--sites", self.sites),
+            ("--clouds", self.clouds),
+        ] {
+            if let Some(v) = v {
+                cmd.push_str(&format!(" {flag} {v}"));
+            }
+        }
+        if let Some(d) = self.duration {
+            cmd.push_str(&format!(" --duration {d}"));
+        }
+        cmd
+    }
+}
+
+fn print_failures(report: &Report, replay: &str) {
+    for f in &report.failures {
+        eprintln!(
+            "FAILED seed {} checker {} at {} ms: {}",
+            report.seed, f.checker, f.at_ms, f.explanation
+        );
+    }
+    eprintln!("replay: {replay}");
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    // No commands yet: say what this is.
-    Cli::command().print_help()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        None => {
+            use clap::CommandFactory;
+            Cli::command().print_long_help()?;
+        }
+        Some(Command::Run {
+            seed,
+            shape,
+            report,
+        }) => {
+            let scenario = shape.scenario()?;
+            let result = run(seed, scenario)?;
+            print!("{}", result.table());
+            if let Some(path) = report {
+                let json = serde_json::to_string_pretty(&result)?;
+                std::fs::write(&path, json)
+                    .with_context(|| format!("cannot write the report to {}", path.display()))?;
+            }
+            if !result.passed() {
+                print_failures(&result, &shape.replay(seed));
+                std::process::exit(1);
+            }
+        }
+        Some(Command::Soak { seeds, from, shape }) => {
+            let mut shape = shape;
+            let base = shape.scenario()?;
+            if base.events.is_empty() && base.nemesis.is_none() {
+                shape.nemesis = true;
+            }
+            let scenario = shape.scenario()?;
+            let started = tokio::time::Instant::now();
+            let mut failed = Vec::new();
+            println!(
+                "| seed | verdict | faults | lag p99 ms | converged after ms | host s | digest |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            for seed in from..from + seeds {
+                let r = run(seed, scenario.clone())?;
+                let faults: u64 = r.faults.values().sum();
+                println!(
+                    "| {seed} | {} | {faults} | {} | {} | {:.2} | {} |",
+                    if r.passed() { "ok" } else { "FAILED" },
+                    r.lag_ms.p99,
+                    r.converged_after_ms.map_or("-".into(), |v| v.to_string()),
+                    r.wall_ms as f64 / 1e3,
+                    &r.digest[..12]
+                );
+                if !r.passed() {
+                    print_failures(&r, &shape.replay(seed));
+                    failed.push(seed);
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{} seeds, {} failed, {:.1} s, {:.2} seeds/s",
+                seeds,
+                failed.len(),
+                secs,
+                seeds as f64 / secs.max(1e-9)
+            );
+            if !failed.is_empty() {
+                eprintln!("failing seeds: {failed:?}");
+                std::process::exit(1);
+            }
+        }
+    }
     Ok(())
 }
