@@ -355,8 +355,24 @@ fn throughput() {
 
     let roster = roster();
     let (da, db_) = (tmp("tp-a"), tmp("tp-b"));
-    let mut a = Replica::open(&da, EDGE, ReplicaOptions { cache_docs: std::num::NonZeroUsize::new(2048).unwrap(), ..ReplicaOptions::default() }).unwrap();
-    let mut b = Replica::open(&db_, CLOUD, ReplicaOptions { cache_docs: std::num::NonZeroUsize::new(2048).unwrap(), ..ReplicaOptions::default() }).unwrap();
+    let mut a = Replica::open(
+        &da,
+        EDGE,
+        ReplicaOptions {
+            cache_docs: std::num::NonZeroUsize::new(2048).unwrap(),
+            ..ReplicaOptions::default()
+        },
+    )
+    .unwrap();
+    let mut b = Replica::open(
+        &db_,
+        CLOUD,
+        ReplicaOptions {
+            cache_docs: std::num::NonZeroUsize::new(2048).unwrap(),
+            ..ReplicaOptions::default()
+        },
+    )
+    .unwrap();
     let docs: Vec<DocId> = (0..twins)
         .map(|i| {
             format!("device-reported/edge-1/default/dev-{i}")

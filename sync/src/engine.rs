@@ -134,6 +134,38 @@ impl Engine {
         Ok(changed)
     }
 
+    /// Writes many documents in one store write (a report cycle of many
+    /// devices) and pushes them. Returns how many changed.
+    pub fn write_many(&self, items: &[(DocId, serde_json::Value)]) -> Result<usize, ReplicaError> {
+        let mut inner = self.lock();
+        let hashes = inner
+            .replica
+            .write_many(items.iter().map(|(d, v)| (d, v)), now_ms())?;
+        let mut changed = 0;
+        for ((doc, _), hash) in items.iter().zip(hashes) {
+            if hash.is_some() {
+                changed += 1;
+                mark_dirty(&mut inner, self.me, doc, None);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Writes a typed document locally and pushes it; `false` when nothing
+    /// changed.
+    pub fn put<T: crate::schema::Schema>(
+        &self,
+        doc: &DocId,
+        value: &T,
+    ) -> Result<bool, ReplicaError> {
+        let mut inner = self.lock();
+        let changed = inner.replica.put(doc, value, now_ms())?.is_some();
+        if changed {
+            mark_dirty(&mut inner, self.me, doc, None);
+        }
+        Ok(changed)
+    }
+
     /// Reads a document as JSON.
     pub fn read_json(&self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
         self.lock().replica.read_json(doc)

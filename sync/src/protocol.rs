@@ -599,10 +599,7 @@ impl Session {
                     }
                     self.theirs.insert(item.doc, (item.generation, item.heads));
                 }
-                replica
-                    .store()
-                    .commit(batch)
-                    .map_err(ReplicaError::from)?;
+                replica.store().commit(batch).map_err(ReplicaError::from)?;
             }
             Message::Need(item) => {
                 if shared(roster, &me, &self.peer, &item.doc) {

@@ -195,15 +195,6 @@ fn chunk_prefix(doc: &DocId) -> Vec<u8> {
     key
 }
 
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    // The prefix ends in 0x00; the next byte value bounds the range.
-    let mut end = prefix.to_vec();
-    if let Some(last) = end.last_mut() {
-        *last = 1;
-    }
-    end
-}
-
 impl Store {
     /// Opens (or creates) the store in `path`.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
@@ -350,6 +341,10 @@ impl Store {
             None => AutoCommit::new(),
         };
         let mut changes = Vec::new();
+        if entry.chunks == 0 {
+            // Nothing since the snapshot: no need to look.
+            return Ok(Some((am, entry)));
+        }
         let iter = self.db.iterator_cf(
             self.cf(CF_CHUNKS),
             IteratorMode::From(&prefix, rocksdb::Direction::Forward),
@@ -427,7 +422,13 @@ impl Store {
     }
 
     /// Stages [`Store::replace`] in `batch`.
-    pub fn stage_replace(&self, batch: &mut Batch, doc: &DocId, entry: &mut IndexEntry, saved: &[u8]) {
+    pub fn stage_replace(
+        &self,
+        batch: &mut Batch,
+        doc: &DocId,
+        entry: &mut IndexEntry,
+        saved: &[u8],
+    ) {
         self.put_snapshot(&mut batch.0, doc, entry, saved);
         self.put_index(&mut batch.0, doc, entry);
         batch.1 += 1;
@@ -450,15 +451,39 @@ impl Store {
         saved: &[u8],
     ) {
         let prefix = chunk_prefix(doc);
-        let end = prefix_end(&prefix);
-        batch.delete_range_cf(self.cf(CF_CHUNKS), &prefix, &end);
-        batch.delete_range_cf(self.cf(CF_SNAPSHOTS), &prefix, &end);
+        // Point deletes of what the document has, not range deletes: range
+        // tombstones pile up in the memtable and slow every later read.
+        if entry.chunks > 0 {
+            for key in self.chunk_keys(&prefix) {
+                batch.delete_cf(self.cf(CF_CHUNKS), key);
+            }
+        }
+        if let Some(old) = entry.snapshot {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&old);
+            batch.delete_cf(self.cf(CF_SNAPSHOTS), key);
+        }
         let heads_hash = *blake3::hash(&entry.heads.concat()).as_bytes();
         let mut key = prefix;
         key.extend_from_slice(&heads_hash);
         batch.put_cf(self.cf(CF_SNAPSHOTS), key, saved);
         entry.chunks = 0;
         entry.snapshot = Some(heads_hash);
+    }
+
+    /// Keys of a document's stored chunks. A read error ends the list early:
+    /// the chunks left behind are changes the snapshot already holds, which
+    /// loading applies again harmlessly.
+    fn chunk_keys(&self, prefix: &[u8]) -> Vec<Box<[u8]>> {
+        self.db
+            .iterator_cf(
+                self.cf(CF_CHUNKS),
+                IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            )
+            .map_while(Result::ok)
+            .map(|(key, _)| key)
+            .take_while(|key| key.starts_with(prefix))
+            .collect()
     }
 
     fn put_index(&self, batch: &mut WriteBatch, doc: &DocId, entry: &IndexEntry) {

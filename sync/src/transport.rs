@@ -1,6 +1,8 @@
 //! Transports that carry the sync protocol between peers.
 //!
 //! The protocol itself is sans-IO; a transport moves its messages. `iroh`
-//! runs it over QUIC between real endpoints.
+//! runs it over QUIC between real endpoints; `memory` joins two engines in
+//! one process with the same framing and session code.
 
 pub mod iroh;
+pub mod memory;

@@ -165,7 +165,8 @@ fn a_memory_store_survives_reopening_on_the_same_disk() {
     let path = &dir("memory");
     {
         let mut r = Replica::open(path, PeerId([7; 32]), options()).unwrap();
-        r.write_json(&doc, &serde_json::json!({"temp": "21"}), 1).unwrap();
+        r.write_json(&doc, &serde_json::json!({"temp": "21"}), 1)
+            .unwrap();
     }
     let mut r = Replica::open(path, PeerId([7; 32]), options()).unwrap();
     assert_eq!(
@@ -181,7 +182,8 @@ fn a_memory_store_survives_reopening_on_the_same_disk() {
 fn a_scoped_subscription_sees_only_its_documents() {
     use outpost_sync::replica::Scope;
     let mut r = Replica::open(dir("scope"), PeerId([7; 32]), ReplicaOptions::default()).unwrap();
-    let mut devices = r.subscribe_scope(Scope::all().kinds([DocKind::DeviceDesired]).node("edge-1"));
+    let mut devices =
+        r.subscribe_scope(Scope::all().kinds([DocKind::DeviceDesired]).node("edge-1"));
     let mut everything = r.subscribe_scope(Scope::all());
     let mine: DocId = "device-desired/edge-1/default/d-1".parse().unwrap();
     let other_node: DocId = "device-desired/edge-2/default/d-2".parse().unwrap();

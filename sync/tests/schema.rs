@@ -59,19 +59,44 @@ fn a_kubernetes_pod_spec_reads_into_the_pod_schema() {
     let c = &pod.containers[0];
     assert_eq!(c.env.len(), 4);
     assert_eq!(
-        c.env[1].value_from.as_ref().unwrap().config_map_key_ref.as_ref().unwrap().key,
+        c.env[1]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .config_map_key_ref
+            .as_ref()
+            .unwrap()
+            .key,
         "b"
     );
     assert_eq!(
-        c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().port,
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .port,
         PortRef::Name("http".into())
     );
     assert_eq!(
-        c.readiness_probe.as_ref().unwrap().tcp_socket.as_ref().unwrap().port,
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .tcp_socket
+            .as_ref()
+            .unwrap()
+            .port,
         PortRef::Number(8080)
     );
-    assert_eq!(pod.volumes[1].secret.as_ref().unwrap().default_mode, Some(420));
-    assert_eq!(pod.volumes[3].host_path.as_ref().unwrap().kind.as_deref(), Some("Directory"));
+    assert_eq!(
+        pod.volumes[1].secret.as_ref().unwrap().default_mode,
+        Some(420)
+    );
+    assert_eq!(
+        pod.volumes[3].host_path.as_ref().unwrap().kind.as_deref(),
+        Some("Directory")
+    );
 }
 
 #[test]
@@ -168,7 +193,11 @@ fn every_kind_writes_and_reads_back_and_an_unchanged_value_makes_no_change() {
             let doc = id($doc);
             assert!(r.put(&doc, &$value, 1).unwrap().is_some());
             assert_eq!(r.get::<$t>(&doc).unwrap().unwrap(), $value);
-            assert!(r.put(&doc, &$value, 2).unwrap().is_none(), "{} changed", $doc);
+            assert!(
+                r.put(&doc, &$value, 2).unwrap().is_none(),
+                "{} changed",
+                $doc
+            );
         }};
     }
     roundtrip!("pod-spec/edge-1/default/web/u-1", pod, PodSpecDoc);
@@ -177,8 +206,16 @@ fn every_kind_writes_and_reads_back_and_an_unchanged_value_makes_no_change() {
     roundtrip!("configmap/edge-1/default/cfg", cm, ConfigMapDoc);
     roundtrip!("secret/edge-1/default/sec", secret, SecretDoc);
     roundtrip!("device-model/edge-1/default/thermo", model, DeviceModelDoc);
-    roundtrip!("device-desired/edge-1/default/thermo-1", desired, DeviceDesiredDoc);
-    roundtrip!("device-reported/edge-1/default/thermo-1", reported, DeviceReportedDoc);
+    roundtrip!(
+        "device-desired/edge-1/default/thermo-1",
+        desired,
+        DeviceDesiredDoc
+    );
+    roundtrip!(
+        "device-reported/edge-1/default/thermo-1",
+        reported,
+        DeviceReportedDoc
+    );
 
     // Dropping an optional field removes it from the document.
     let doc = id("device-reported/edge-1/default/thermo-1");

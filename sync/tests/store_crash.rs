@@ -32,6 +32,7 @@ fn options() -> ReplicaOptions {
         store: StoreOptions {
             sync_writes: false,
             compact_after_chunks: 8,
+            ..StoreOptions::default()
         },
         rollover_after_changes: 10,
         ..Default::default()
