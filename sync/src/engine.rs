@@ -43,7 +43,14 @@ struct Inner {
     roster: Roster,
     peers: HashMap<PeerId, PeerSlot>,
     next_epoch: u64,
+    /// Losing desired-value writes already counted as resolved conflicts:
+    /// (document, property, writer, time). Bounded; an entry that falls out
+    /// may be counted again, which only overstates the counter.
+    conflicts_seen: lru::LruCache<(DocId, String, String, crate::hlc::Hlc), ()>,
 }
+
+/// Conflicts remembered for counting.
+const CONFLICTS_REMEMBERED: usize = 4096;
 
 /// A replica with its sync sessions.
 #[derive(Clone)]
@@ -76,6 +83,10 @@ impl Engine {
                 roster,
                 peers: HashMap::new(),
                 next_epoch: 0,
+                conflicts_seen: lru::LruCache::new(
+                    std::num::NonZeroUsize::new(CONFLICTS_REMEMBERED)
+                        .unwrap_or(std::num::NonZeroUsize::MIN),
+                ),
             })),
             metrics,
             me,
@@ -166,6 +177,20 @@ impl Engine {
         Ok(changed)
     }
 
+    /// Sets this replica's desired value of a device property (see
+    /// [`crate::desired::set_desired`]) and pushes it.
+    pub fn set_desired(
+        &self,
+        doc: &DocId,
+        property: &str,
+        value: &str,
+    ) -> Result<crate::hlc::Hlc, crate::desired::DesiredError> {
+        let mut inner = self.lock();
+        let at = crate::desired::set_desired(&mut inner.replica, doc, property, value, now_ms())?;
+        mark_dirty(&mut inner, self.me, doc, None);
+        Ok(at)
+    }
+
     /// Reads a document as JSON.
     pub fn read_json(&self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
         self.lock().replica.read_json(doc)
@@ -208,6 +233,13 @@ impl Engine {
         self.metrics
             .connected_peers
             .set(self.lock().peers.len() as i64);
+        // Ends the session's slot however this future ends: returning, or
+        // dropped (a task aborted, a connection torn down).
+        let closing = SessionSlot {
+            engine: self,
+            peer,
+            epoch,
+        };
         let label = PeerLabel::of(&peer);
         info!(%peer, "sync session open");
 
@@ -294,6 +326,9 @@ impl Engine {
                                     .lag_seconds
                                     .observe((now - lag).max(0) as f64 / 1000.0);
                             }
+                            if doc.kind() == crate::document::DocKind::DeviceDesired {
+                                self.count_conflicts(inner, &doc);
+                            }
                             mark_dirty(inner, self.me, &doc, Some(peer));
                         }
                         Event::Rejected { doc, reason } => {
@@ -311,13 +346,7 @@ impl Engine {
             r = writer => r,
             r = reader => r,
         };
-        {
-            let mut inner = self.lock();
-            if inner.peers.get(&peer).is_some_and(|s| s.epoch == epoch) {
-                inner.peers.remove(&peer);
-            }
-            self.metrics.connected_peers.set(inner.peers.len() as i64);
-        }
+        drop(closing);
         match &result {
             Ok(()) => info!(%peer, "sync session closed"),
             Err(e) => {
@@ -326,6 +355,23 @@ impl Engine {
             }
         }
         result
+    }
+
+    /// Counts the losing writes of a merged device-desired document that
+    /// were not counted before.
+    fn count_conflicts(&self, inner: &mut Inner, doc: &DocId) {
+        let Ok(Some(json)) = inner.replica.read_json(doc) else {
+            return;
+        };
+        for (property, resolved) in crate::desired::resolve(&json) {
+            for loser in resolved.losers {
+                let key = (doc.clone(), property.clone(), loser.writer, loser.at);
+                if inner.conflicts_seen.put(key, ()).is_none() {
+                    self.metrics.conflicts_resolved.inc();
+                    info!(%doc, %property, value = %loser.value, "desired-value conflict resolved; the losing write stays visible");
+                }
+            }
+        }
     }
 
     /// Serves a connection accepted by an iroh endpoint: refuses unknown
@@ -393,6 +439,30 @@ impl Engine {
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+/// Removes a session's slot when the session ends.
+struct SessionSlot<'a> {
+    engine: &'a Engine,
+    peer: PeerId,
+    epoch: u64,
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.engine.lock();
+        if inner
+            .peers
+            .get(&self.peer)
+            .is_some_and(|s| s.epoch == self.epoch)
+        {
+            inner.peers.remove(&self.peer);
+        }
+        self.engine
+            .metrics
+            .connected_peers
+            .set(inner.peers.len() as i64);
     }
 }
 

@@ -1,0 +1,120 @@
+//! The engine over the in-memory transport: live push, a partition and its
+//! heal with concurrent desired values (the conflict counted once and the
+//! losing write visible on both sides), and an unknown peer refused.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
+
+use std::time::Duration;
+
+use outpost_sync::PeerId;
+use outpost_sync::access::{Role, Roster};
+use outpost_sync::desired::resolve;
+use outpost_sync::document::DocId;
+use outpost_sync::engine::Engine;
+use outpost_sync::metrics::SyncMetrics;
+use outpost_sync::protocol::SessionError;
+use outpost_sync::replica::{Replica, ReplicaOptions};
+use outpost_sync::transport::memory::{DEFAULT_LINK_BUFFER, connect};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+const CLOUD: PeerId = PeerId([1; 32]);
+const EDGE: PeerId = PeerId([2; 32]);
+
+fn engine(name: &str, me: PeerId, roster: &Roster) -> Engine {
+    let dir = std::env::temp_dir().join(format!("outpost-memeng-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let replica = Replica::open(&dir, me, ReplicaOptions::default()).unwrap();
+    Engine::new(replica, roster.clone(), SyncMetrics::default())
+}
+
+fn roster() -> Roster {
+    let mut r = Roster::new();
+    r.insert(CLOUD, Role::Cloud);
+    r.insert(
+        EDGE,
+        Role::Edge {
+            node: "edge-1".into(),
+            site: None,
+        },
+    );
+    r
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn partition_heal_merges_concurrent_desired_values_and_counts_the_conflict() {
+    let roster = roster();
+    let cloud = engine("cloud", CLOUD, &roster);
+    let edge = engine("edge", EDGE, &roster);
+    let doc: DocId = "device-desired/edge-1/default/thermo-1".parse().unwrap();
+    let link = connect(&edge, &cloud, DEFAULT_LINK_BUFFER);
+    cloud.set_desired(&doc, "temp", "20").unwrap();
+    until("the first value at the edge", || {
+        edge.read_json(&doc).unwrap().is_some()
+    })
+    .await;
+
+    link.cut();
+    until("the sessions to close", || {
+        cloud.connected().is_empty() && edge.connected().is_empty()
+    })
+    .await;
+    cloud.set_desired(&doc, "temp", "22").unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    edge.set_desired(&doc, "temp", "25").unwrap();
+
+    let _link = connect(&edge, &cloud, DEFAULT_LINK_BUFFER);
+    let read = |e: &Engine| -> Value { e.read_json(&doc).unwrap().unwrap() };
+    until("convergence", || read(&cloud) == read(&edge)).await;
+    let resolved = resolve(&read(&cloud));
+    assert_eq!(resolved["temp"].winner.value, "25", "the later write wins");
+    assert_eq!(resolved["temp"].losers.len(), 1);
+    assert_eq!(
+        resolved["temp"].losers[0].value, "22",
+        "the loser stays visible"
+    );
+    until("the conflict counted on both sides", || {
+        cloud.metrics().conflicts_resolved.get() == 1
+            && edge.metrics().conflicts_resolved.get() == 1
+    })
+    .await;
+
+    // Live push after the heal, and the conflict is not counted again.
+    edge.write_json(
+        &"device-reported/edge-1/default/thermo-1".parse().unwrap(),
+        &json!({"temp": "24"}),
+    )
+    .unwrap();
+    until("the reported value at the cloud", || {
+        cloud
+            .read_json(&"device-reported/edge-1/default/thermo-1".parse().unwrap())
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert_eq!(cloud.metrics().conflicts_resolved.get(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_peer_is_refused_over_memory_too() {
+    let roster = roster();
+    let cloud = engine("refuse-cloud", CLOUD, &roster);
+    let stranger = engine("refuse-stranger", PeerId([9; 32]), &roster);
+    let (to_cloud, at_cloud) = connect(&stranger, &cloud, DEFAULT_LINK_BUFFER).join().await;
+    assert!(
+        matches!(at_cloud, Err(SessionError::UnknownPeer(_))),
+        "{at_cloud:?}"
+    );
+    // The stranger's own roster does not know the cloud either... but the
+    // cloud refusing is what matters: nothing of it was stored there.
+    let _ = to_cloud;
+    assert!(cloud.with_replica(|r| r.scan().count()) == 0);
+}
