@@ -110,6 +110,10 @@ pub struct Report {
     pub crashes: u64,
     /// Restarts.
     pub restarts: u64,
+    /// Desired properties whose merged state shows a losing concurrent write.
+    pub conflicts_visible: u64,
+    /// Host time by activity, ms (not part of the history; for tuning).
+    pub host_ms: BTreeMap<String, u64>,
     /// Sync lag: commit at the origin to persisted at a replica (simulated ms).
     pub lag_ms: Percentiles,
     /// Sync lag of changes applied after the faults healed.
@@ -173,6 +177,13 @@ impl Report {
             );
         }
         row("events", self.events.to_string());
+        let host: Vec<String> = self
+            .host_ms
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        row("host ms by activity", host.join(", "));
         let total: u64 = self.writes.values().sum();
         row("writes acknowledged", total.to_string());
         row(
@@ -198,6 +209,10 @@ impl Report {
         row(
             "crashes / restarts",
             format!("{} / {}", self.crashes, self.restarts),
+        );
+        row(
+            "desired conflicts kept visible",
+            self.conflicts_visible.to_string(),
         );
         row(
             "connections opened / broken",

@@ -100,11 +100,11 @@ impl From<Dur> for String {
 impl std::fmt::Display for Dur {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = self.0;
-        if ms % 3_600_000 == 0 && ms > 0 {
+        if ms.is_multiple_of(3_600_000) && ms > 0 {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(1000) && ms > 0 {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -115,25 +115,41 @@ impl std::fmt::Display for Dur {
 impl std::str::FromStr for Dur {
     type Err = String;
 
+    /// `"250ms"`, `"30s"`, `"1.5s"`, `"10m"`, `"1h"`, and sums like `"1m30s"`; a bare number is seconds.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let value: f64 = num.parse().map_err(|_| {
-            format!("{s:?} is not a duration (write e.g. \"250ms\", \"30s\", \"10m\")")
-        })?;
-        let scale = match unit.trim() {
-            "ms" => 1.0,
-            "" | "s" => 1000.0,
-            "m" | "min" => 60_000.0,
-            "h" => 3_600_000.0,
-            other => {
-                return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)"));
-            }
+        let bad = || {
+            format!("{s:?} is not a duration (write e.g. \"250ms\", \"30s\", \"1m30s\", \"10m\")")
         };
-        Ok(Dur((value * scale).round() as u64))
+        let text = s.trim();
+        if text.is_empty() {
+            return Err(bad());
+        }
+        let mut rest = text;
+        let mut total = 0.0f64;
+        while !rest.is_empty() {
+            let num_end = rest
+                .find(|c: char| !c.is_ascii_digit() && c != '.')
+                .unwrap_or(rest.len());
+            let (num, tail) = rest.split_at(num_end);
+            let unit_end = tail
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(tail.len());
+            let (unit, tail) = tail.split_at(unit_end);
+            let value: f64 = num.parse().map_err(|_| bad())?;
+            let scale = match unit.trim() {
+                "ms" => 1.0,
+                "" if tail.is_empty() && total == 0.0 => 1000.0,
+                "s" => 1000.0,
+                "m" | "min" => 60_000.0,
+                "h" => 3_600_000.0,
+                other => {
+                    return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)"));
+                }
+            };
+            total += value * scale;
+            rest = tail;
+        }
+        Ok(Dur(total.round() as u64))
     }
 }
 
@@ -675,8 +691,10 @@ impl Scenario {
         if self.duration.0 == 0 {
             return Err("duration must be > 0".into());
         }
-        if let Some(nem) = &self.nemesis {
-            if nem.mean_interval.0 == 0 || nem.min_length > nem.max_length {
+        if let Some(nem) = &self.nemesis
+            && (nem.mean_interval.0 == 0 || nem.min_length > nem.max_length)
+        {
+            {
                 return Err(
                     "nemesis: mean_interval must be > 0 and min_length <= max_length".into(),
                 );
@@ -720,10 +738,10 @@ impl Scenario {
                 }
                 Event::IsolateSite { .. } | Event::Join { .. } => {}
             }
-            if let Event::Flap { down, up, .. } = e {
-                if down.0 == 0 || up.0 == 0 {
-                    return Err(ctx("down and up must be > 0".into()));
-                }
+            if let Event::Flap { down, up, .. } = e
+                && (down.0 == 0 || up.0 == 0)
+            {
+                return Err(ctx("down and up must be > 0".into()));
             }
         }
         Ok(())
@@ -740,6 +758,9 @@ mod tests {
         assert_eq!("30s".parse::<Dur>(), Ok(Dur(30_000)));
         assert_eq!("10m".parse::<Dur>(), Ok(Dur(600_000)));
         assert_eq!("1.5s".parse::<Dur>(), Ok(Dur(1_500)));
+        assert_eq!("1m30s".parse::<Dur>(), Ok(Dur(90_000)));
+        assert_eq!("2".parse::<Dur>(), Ok(Dur(2_000)));
+        assert!("1m30".parse::<Dur>().is_err());
         assert!("10 parsecs".parse::<Dur>().is_err());
         assert!("".parse::<Dur>().is_err());
         assert_eq!(Dur(600_000).to_string(), "10m");

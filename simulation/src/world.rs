@@ -222,6 +222,20 @@ struct Stats {
     rejected: u64,
     lag_ms: Vec<u64>,
     lag_after_heal_ms: Vec<u64>,
+    /// Desired properties whose final state shows losing writes.
+    conflicts: u64,
+    /// Host time by activity, ns (not part of the history).
+    host_ns: BTreeMap<&'static str, u64>,
+}
+
+/// Times a block of host work into `Stats::host_ns` (measurement only; never part of the history).
+macro_rules! timed {
+    ($self:ident, $what:literal, $body:expr) => {{
+        let t = tokio::time::Instant::now();
+        let r = $body;
+        *$self.stats.host_ns.entry($what).or_insert(0) += t.elapsed().as_nanos() as u64;
+        r
+    }};
 }
 
 /// One simulation run.
@@ -608,7 +622,9 @@ impl World {
         let Some(replica) = self.nodes[n].replica.as_mut() else {
             return;
         };
+        let t = tokio::time::Instant::now();
         let result = replica.write_many(docs.iter().map(|(d, v)| (d, v)), wall);
+        *self.stats.host_ns.entry("write_many").or_insert(0) += t.elapsed().as_nanos() as u64;
         match result {
             Ok(hashes) => {
                 for ((d, v), h) in docs.iter().zip(hashes) {
@@ -631,7 +647,9 @@ impl World {
         };
         let me = replica.me().to_string();
         let before = replica.entry(d).ok().flatten().map(|e| e.heads);
+        let t = tokio::time::Instant::now();
         let result = set_desired(replica, d, property, &value, wall);
+        *self.stats.host_ns.entry("set_desired").or_insert(0) += t.elapsed().as_nanos() as u64;
         let slot = replica
             .read_json(d)
             .ok()
@@ -658,8 +676,10 @@ impl World {
                     );
                 }
                 let key = (d.clone(), property.to_owned(), n);
-                if let Some(prev) = self.oracle.desired.get(&key) {
-                    if at <= prev.at {
+                if let Some(prev) = self.oracle.desired.get(&key)
+                    && at <= prev.at
+                {
+                    {
                         self.fail(
                             "conflict",
                             format!("{name}: desired write to {d}/{property} stamped {at:?}, not after its own previous {:?}", prev.at),
@@ -775,10 +795,10 @@ impl World {
                 format!("{edge}-{seq}"),
             );
         }
-        if let Some(s) = self.nodes[n].site {
-            if self.rng.f64() < w.site_desired_prob {
-                self.write_desired(n, &site_desired(s), "speed", format!("{edge}-{seq}"));
-            }
+        if let Some(s) = self.nodes[n].site
+            && self.rng.f64() < w.site_desired_prob
+        {
+            self.write_desired(n, &site_desired(s), "speed", format!("{edge}-{seq}"));
         }
     }
 
@@ -887,6 +907,7 @@ impl World {
         let conn = slot.conn;
         let mut out = Vec::new();
         let mut error = None;
+        let t = tokio::time::Instant::now();
         loop {
             match slot.session.poll_transmit(replica, &self.roster) {
                 Ok(Some(m)) => out.push(m),
@@ -897,8 +918,9 @@ impl World {
                 }
             }
         }
+        *self.stats.host_ns.entry("poll_transmit").or_insert(0) += t.elapsed().as_nanos() as u64;
         for m in out {
-            self.send(conn, n, m);
+            timed!(self, "send (encode, schedule)", self.send(conn, n, m));
         }
         if let Some(e) = error {
             self.session_error(n, peer, conn, e.to_string());
@@ -1001,7 +1023,10 @@ impl World {
         else {
             return;
         };
-        let events = match slot.session.handle(msg, replica, &self.roster) {
+        let t = tokio::time::Instant::now();
+        let handled = slot.session.handle(msg, replica, &self.roster);
+        *self.stats.host_ns.entry("handle").or_insert(0) += t.elapsed().as_nanos() as u64;
+        let events = match handled {
             Ok(events) => events,
             Err(e) => {
                 self.session_error(to, from, conn_id, e.to_string());
@@ -1121,10 +1146,13 @@ impl World {
             let Some(replica) = node.replica.as_ref() else {
                 continue;
             };
+            let t = tokio::time::Instant::now();
             let started = Session::new(peer_id, &self.roster).and_then(|mut s| {
                 s.start(replica, &self.roster, initiate)?;
                 Ok(s)
             });
+            *self.stats.host_ns.entry("session start").or_insert(0) +=
+                t.elapsed().as_nanos() as u64;
             match started {
                 Ok(session) => {
                     // A new connection replaces the previous session with that peer.
@@ -1431,7 +1459,9 @@ impl World {
         self.note(b"crash", self.nodes[n].name.clone().as_bytes());
         let node = &mut self.nodes[n];
         node.state = State::Down;
-        node.replica = None;
+        let replica = node.replica.take();
+        timed!(self, "close replicas", drop(replica));
+        let node = &mut self.nodes[n];
         node.sessions.clear();
         let ids: Vec<u64> = self
             .conns
@@ -1456,7 +1486,7 @@ impl World {
         }
         self.stats.restarts += 1;
         self.note(b"restart", self.nodes[n].name.clone().as_bytes());
-        if let Err(e) = self.open(n) {
+        if let Err(e) = timed!(self, "open replicas", self.open(n)) {
             let name = self.nodes[n].name.clone();
             self.fail("crash", format!("{name} does not restart: {e}"));
             return;
@@ -1762,6 +1792,7 @@ impl World {
                         format!("{d}/{prop}: resolve() picks {:?} ({:?}) but the highest HLC is {:?} ({:?})", got.winner.value, got.winner.at, winner.value, winner.at),
                     );
                 }
+                self.stats.conflicts += u64::from(!got.losers.is_empty());
                 let mut got_losers: Vec<&DesiredWrite> = got.losers.iter().collect();
                 got_losers.sort_by(|a, b| (b.at, &b.writer).cmp(&(a.at, &a.writer)));
                 if got_losers != losers {
@@ -1821,6 +1852,13 @@ impl World {
     /// Runs to the end and reports.
     pub fn run(mut self) -> Report {
         let started = tokio::time::Instant::now();
+        self.drive();
+        let wall = started.elapsed();
+        self.finish(wall.as_millis() as u64)
+    }
+
+    /// Processes events until the run has converged or given up.
+    fn drive(&mut self) {
         while let Some(Reverse(next)) = self.queue.pop() {
             self.now = next.at;
             self.stats.events += 1;
@@ -1845,13 +1883,17 @@ impl World {
                 Ev::Restart(n) => self.restart(n),
                 Ev::Heal => self.heal(),
                 Ev::Liveness => self.liveness(),
-                Ev::Check => self.check_tick(),
+                Ev::Check => timed!(self, "convergence checks", self.check_tick()),
             }
             if self.done {
                 break;
             }
         }
-        self.final_checks();
+    }
+
+    /// The final checks, the digest of the final state, the report.
+    fn finish(mut self, wall_ms: u64) -> Report {
+        timed!(self, "final checks", self.final_checks());
         // The final state joins the digest: heads of every document everywhere.
         for n in 0..self.nodes.len() {
             let mut h = blake3::Hasher::new();
@@ -1864,8 +1906,7 @@ impl World {
             let state = *h.finalize().as_bytes();
             self.note(b"final", &state);
         }
-        let wall = started.elapsed();
-        self.into_report(wall.as_millis() as u64)
+        self.into_report(wall_ms)
     }
 
     fn into_report(mut self, wall_ms: u64) -> Report {
@@ -1910,6 +1951,12 @@ impl World {
             faults: s.faults.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             crashes: s.crashes,
             restarts: s.restarts,
+            conflicts_visible: s.conflicts,
+            host_ms: s
+                .host_ns
+                .iter()
+                .map(|(k, v)| (k.to_string(), v / 1_000_000))
+                .collect(),
             lag_ms: Percentiles::of(&mut s.lag_ms),
             lag_after_heal_ms: Percentiles::of(&mut s.lag_after_heal_ms),
             converged_after_ms: self.converged_at.map(|t| t.saturating_sub(self.stop_at)),
@@ -1965,5 +2012,102 @@ fn short(v: &Option<Value>) -> String {
         format!("{}...", &s[..160])
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Fleet;
+
+    fn small() -> Scenario {
+        Scenario {
+            duration: Dur(30_000),
+            fleet: Fleet {
+                edges: 4,
+                sites: 1,
+                ..Fleet::default()
+            },
+            ..Scenario::default()
+        }
+    }
+
+    fn settled(seed: u64) -> World {
+        let mut w = World::new(seed, small()).unwrap();
+        w.drive();
+        assert!(w.converged_at.is_some(), "{:?}", w.failures);
+        w
+    }
+
+    #[test]
+    fn a_change_no_session_hears_of_is_a_divergence() {
+        let mut w = settled(3);
+        let cloud = w.clouds[0];
+        let d = pod_spec("edge-0", 0);
+        let replica = w.nodes[cloud].replica.as_mut().unwrap();
+        replica
+            .write_json(&d, &json!({"sneaky": true}), EPOCH_MS)
+            .unwrap();
+        let why = w.heads_disagree().expect("the heads differ");
+        assert!(why.contains("pod-spec/edge-0"), "{why}");
+        w.final_checks();
+        assert_eq!(
+            w.failure_counts.get("convergence"),
+            Some(&1),
+            "{:?}",
+            w.failures
+        );
+    }
+
+    #[test]
+    fn an_acknowledged_write_that_never_left_is_lost() {
+        let mut w = settled(4);
+        let edge = w.by_name["edge-1"];
+        // Written and acknowledged at the edge, never synced.
+        w.write_docs(
+            edge,
+            vec![(node_status("edge-1"), json!({"ready": false, "seq": 999}))],
+        );
+        w.nodes[edge].sessions.clear(); // as if the link died right then
+        w.final_checks();
+        let failures = format!("{:?}", w.failures);
+        assert!(w.failure_counts.contains_key("lost-write"), "{failures}");
+        assert!(failures.contains("node-status/edge-1"), "{failures}");
+    }
+
+    #[test]
+    fn a_desired_slot_overwritten_by_another_writer_is_caught() {
+        let mut w = settled(5);
+        let (cloud, edge) = (w.clouds[0], w.by_name["edge-2"]);
+        let d = device_desired("edge-2", 0);
+        // The cloud writes the edge's slot: the edge's last write is gone.
+        let edge_hex = w.nodes[edge].id.to_string();
+        w.oracle.desired.insert(
+            (d.clone(), "setpoint".into(), edge),
+            DesiredWrite {
+                writer: edge_hex.clone(),
+                value: "mine".into(),
+                at: outpost_sync::hlc::Hlc {
+                    wall_ms: 1,
+                    counter: 0,
+                },
+                seen: Default::default(),
+            },
+        );
+        let _ = cloud;
+        w.final_checks();
+        let failures = format!("{:?}", w.failures);
+        assert!(failures.contains("last desired write"), "{failures}");
+    }
+
+    #[test]
+    fn selectors_pick_what_they_name() {
+        let mut w = World::new(1, small()).unwrap();
+        assert_eq!(w.select("clouds"), vec![0]);
+        assert_eq!(w.select("edges").len(), 4);
+        assert_eq!(w.select("site:site-0").len(), 4);
+        assert_eq!(w.select("fraction:0.5").len(), 2);
+        assert_eq!(w.select("edge-3"), vec![w.by_name["edge-3"]]);
+        assert!(w.select("edge-99").is_empty());
     }
 }
