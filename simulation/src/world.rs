@@ -1357,7 +1357,7 @@ impl World {
                 ..
             } => {
                 for n in self.select(node) {
-                    self.crash(n);
+                    self.crash(n, false);
                     if let Some(d) = restart_after {
                         let at = self.now + d.0;
                         if at < self.heal_at {
@@ -1390,7 +1390,7 @@ impl World {
                     if self.nodes[n].cloud {
                         continue;
                     }
-                    self.crash(n);
+                    self.crash(n, true);
                     self.nodes[n].state = State::Departed;
                 }
             }
@@ -1451,11 +1451,12 @@ impl World {
         }
     }
 
-    fn crash(&mut self, n: usize) {
+    /// The process of node `n` dies (a crash, or a departure when `leaving`).
+    fn crash(&mut self, n: usize, leaving: bool) {
         if self.nodes[n].state != State::Up {
             return;
         }
-        self.stats.crashes += 1;
+        self.stats.crashes += u64::from(!leaving);
         self.note(b"crash", self.nodes[n].name.clone().as_bytes());
         let node = &mut self.nodes[n];
         node.state = State::Down;

@@ -120,6 +120,17 @@ fn example_scenarios_parse_and_run() {
         if ["partitions", "site-isolation", "fleet-1000"].contains(&name.as_str()) {
             continue;
         }
+        if name == "desired-race" {
+            // Reproduces a sync bug (tests/sync_bugs.rs): the checker must see it.
+            let r = run(1, s).unwrap();
+            let fixed = r.passed();
+            assert!(
+                fixed || r.failure_counts.keys().all(|c| c == "lost-write"),
+                "{}",
+                explain(&r)
+            );
+            continue;
+        }
         let r = run(7, s).unwrap();
         assert!(r.passed(), "{}: {}", path.display(), explain(&r));
         assert!(r.lag_ms.count > 0, "{}: nothing synced", path.display());
