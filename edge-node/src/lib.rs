@@ -5,5 +5,23 @@
 //! serves KubeEdge's MQTT event bus and a local read API to edge apps, and
 //! exposes metrics. It must keep working with no network: nothing here waits
 //! on the cloud. It never talks to the Kubernetes API.
+//!
+//! It owns the node's side of the pod lifecycle: the sandboxes and
+//! containers it creates (all labelled `io.outpost.managed=true`, see
+//! [`pods`]), the files of their ConfigMap and Secret volumes under the data
+//! dir, and the documents an edge writes (`pod-status`, `node-status`).
+//!
+//! Modules:
+//! - [`config`]: the TOML file, environment and flags of `outpost-edge run`;
+//! - [`agent`]: identity, replica, sync engine and the tasks below, wired;
+//! - [`cri`]: the CRI v1 gRPC channel to containerd;
+//! - [`pods`]: the pod manager (sandboxes, containers, restart back-off,
+//!   probes, volumes, status, deletion, adoption after restarts);
+//! - [`node`]: the node heartbeat and status.
 
+pub mod agent;
+pub mod clock;
+pub mod config;
 pub mod cri;
+pub mod node;
+pub mod pods;

@@ -1,0 +1,140 @@
+//! The agent: everything `outpost-edge run` starts, wired together.
+//!
+//! The identity and the replica live in the data dir; the pod manager and
+//! the heartbeat work from the replica alone, so the agent starts and runs
+//! its pods with no network. When a cloud peer is configured, the sync
+//! engine keeps a session with it (reconnecting with back-off) and accepts
+//! sessions from known peers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use outpost_sync::PeerId;
+use outpost_sync::access::{Role, Roster};
+use outpost_sync::engine::Engine;
+use outpost_sync::metrics::SyncMetrics;
+use outpost_sync::replica::{Replica, ReplicaOptions};
+use tokio::task::JoinSet;
+use tracing::info;
+
+use crate::config::Config;
+use crate::cri::CriClient;
+use crate::pods::{PodManager, PodManagerConfig};
+
+/// The replica's folder inside the data dir.
+pub const REPLICA_DIR: &str = "replica";
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] outpost_sync::identity::IdentityError),
+    /// The replica could not be opened (a corrupt data dir is reported, never wiped).
+    #[error("cannot open the replica in {path}: {source}")]
+    Replica {
+        /// The replica's folder.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: outpost_sync::replica::ReplicaError,
+    },
+    /// The iroh endpoint could not be bound.
+    #[error(transparent)]
+    Bind(#[from] outpost_sync::transport::iroh::BindError),
+}
+
+/// A running agent.
+pub struct Agent {
+    engine: Engine,
+    pods: PodManager,
+    tasks: JoinSet<()>,
+    endpoint: Option<iroh::Endpoint>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("me", &self.engine.me())
+            .finish()
+    }
+}
+
+/// Opens the replica of a data dir for the identity kept there.
+pub fn open_replica(data_dir: &std::path::Path) -> Result<Replica, StartError> {
+    let key = outpost_sync::identity::load_or_create(data_dir)?;
+    let path = data_dir.join(REPLICA_DIR);
+    Replica::open(&path, PeerId::from(key.public()), ReplicaOptions::default())
+        .map_err(|source| StartError::Replica { path, source })
+}
+
+impl Agent {
+    /// Starts the agent: replica, pod manager, heartbeat and, when a cloud
+    /// is configured, the sync endpoint.
+    pub async fn start(config: &Config) -> Result<Self, StartError> {
+        let key = outpost_sync::identity::load_or_create(&config.data_dir)?;
+        let replica = open_replica(&config.data_dir)?;
+        let mut roster = Roster::new();
+        let cloud = config.cloud_peer();
+        if let Some(cloud) = &cloud {
+            roster.insert(PeerId::from(cloud.id), Role::Cloud);
+        }
+        let engine = Engine::new(replica, roster, SyncMetrics::default());
+        let cri = CriClient::connect_lazy(&config.containerd_socket);
+        let pods = PodManager::spawn(
+            engine.clone(),
+            cri.clone(),
+            PodManagerConfig {
+                node: config.node_name.clone(),
+                site: config.site.clone(),
+                data_dir: config.data_dir.clone(),
+                pod_log_dir: config.pod_log_dir.clone(),
+                pause_image: Some(config.pause_image.clone()),
+                node_ip: config.node_ip.clone(),
+                sync_interval: Duration::from_millis(config.sync_interval_ms),
+                backoff: config.backoff(),
+            },
+        );
+        let mut tasks = JoinSet::new();
+        tasks.spawn(crate::node::heartbeat_loop(
+            engine.clone(),
+            cri,
+            config.node_name.clone(),
+            config.node_ip.clone(),
+            Duration::from_secs(config.heartbeat_s),
+        ));
+        let mut endpoint = None;
+        if let Some(cloud) = cloud {
+            let ep = outpost_sync::transport::iroh::bind(key, config.listen).await?;
+            info!(id = %ep.id(), cloud = %cloud, "syncing with the cloud");
+            let (e1, ep1) = (engine.clone(), ep.clone());
+            tasks.spawn(async move { e1.accept_loop(ep1).await });
+            let (e2, ep2) = (engine.clone(), ep.clone());
+            tasks.spawn(async move { e2.dial_loop(ep2, cloud).await });
+            endpoint = Some(ep);
+        } else {
+            info!("no cloud configured: running alone from the local replica");
+        }
+        info!(node = %config.node_name, me = %engine.me(), data_dir = %config.data_dir.display(), "edge agent started");
+        Ok(Self {
+            engine,
+            pods,
+            tasks,
+            endpoint,
+        })
+    }
+
+    /// The agent's sync engine (and through it, its replica).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stops every task and closes the replica. Containers keep running.
+    pub async fn shutdown(mut self) {
+        self.pods.shutdown().await;
+        if let Some(ep) = self.endpoint.take() {
+            ep.close().await;
+        }
+        self.tasks.shutdown().await;
+    }
+}
