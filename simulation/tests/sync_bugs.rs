@@ -54,7 +54,10 @@ fn concurrent_first_desired_writes_keep_both_slots() {
     let temp = &resolve(&a)["temp"];
     assert_eq!(temp.winner.value, "25", "{a}");
     assert_eq!(
-        temp.losers.iter().map(|w| w.value.as_str()).collect::<Vec<_>>(),
+        temp.losers
+            .iter()
+            .map(|w| w.value.as_str())
+            .collect::<Vec<_>>(),
         ["20"],
         "the cloud's concurrent write stays visible as the loser: {a}"
     );
