@@ -4,5 +4,24 @@
 //! watches Nodes, Pods, ConfigMaps, Secrets and KubeEdge Devices through
 //! kube-runtime, writes them into outpost-sync documents, and writes what the
 //! edges report (node and pod status, leases, device twins) back with
-//! server-side apply. It owns the CRD types, edge admission and the split of
-//! nodes between bridge replicas. It never talks to containerd or devices.
+//! server-side apply. It owns edge admission (join tokens and the roster of
+//! admitted keys), the projections between Kubernetes objects and documents,
+//! the CRD types and the split of nodes between bridge replicas. It never
+//! talks to containerd or devices, and it learns nothing from the API by
+//! polling: watch streams and reflector stores on one side, replica
+//! subscriptions on the other.
+//!
+//! - [`admission`]: join tokens, admitting an edge's key, the roster;
+//! - [`join`]: the join protocol on its own iroh ALPN (both sides);
+//! - [`project`]: object ↔ document projections, free of I/O;
+//! - [`bridge`]: the running loops (admission, nodes and leases, pods).
+//!
+//! Not yet here: Devices and DeviceModels, coalescing of reported values,
+//! several bridge replicas splitting the nodes.
+
+pub mod admission;
+pub mod bridge;
+pub mod join;
+pub mod project;
+
+pub use bridge::{Bridge, BridgeConfig, BridgeError};

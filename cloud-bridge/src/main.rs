@@ -3,11 +3,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use outpost_sync::transport::iroh::{self as transport, PeerAddr};
+use outpost_cloud_bridge::join::{self, JOIN_ALPN};
+use outpost_cloud_bridge::{Bridge, BridgeConfig, admission};
+use outpost_sync::engine::Engine;
+use outpost_sync::metrics::SyncMetrics;
+use outpost_sync::replica::{Replica, ReplicaOptions};
+use outpost_sync::transport::iroh::{self as transport, PeerAddr, SYNC_ALPN};
 use tracing::{info, warn};
 
 /// `outpost-cloud`: the cloud bridge between the Kubernetes API and Outpost's
@@ -15,7 +19,7 @@ use tracing::{info, warn};
 ///
 /// It watches the Kubernetes API for the nodes, pods and devices of Outpost's
 /// edges, replicates them to the edges over iroh (QUIC), and writes what the
-/// edges report back to the API.
+/// edges report back to the API. Edges are admitted with join tokens.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-cloud", version, about, long_about)]
 struct Cli {
@@ -27,6 +31,47 @@ struct Cli {
 enum Command {
     /// Run the bridge until interrupted (Ctrl-C or SIGTERM).
     Run(RunArgs),
+    /// Join tokens that admit edge nodes.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a join token for a node and print it (once: only its hash is kept).
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KubeArgs {
+    /// kubeconfig of the cluster to bridge [default: in-cluster config, then ~/.kube/config].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenCreateArgs {
+    /// The name the admitted edge's Node gets.
+    #[arg(long)]
+    node: String,
+    /// The site the node belongs to (edges of a site share site documents).
+    #[arg(long)]
+    site: Option<String>,
+    /// How long the token stays valid (e.g. 30m, 1h, 2d).
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    ttl: std::time::Duration,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d: k8s_openapi::jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("not a duration like 30m, 1h or 2d: {e}"))?;
+    std::time::Duration::try_from(d)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| "the time to live must be positive".to_owned())
 }
 
 #[derive(Debug, clap::Args)]
@@ -41,9 +86,11 @@ struct RunArgs {
     /// UDP address the bridge's iroh endpoint listens on.
     #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// kubeconfig of the cluster to bridge [default: in-cluster config, then ~/.kube/config].
-    #[arg(long, env = "KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
+    /// leaseDurationSeconds of the edge nodes' Leases.
+    #[arg(long, env = "OUTPOST_LEASE_DURATION_S", default_value_t = 40)]
+    lease_duration_s: i32,
+    #[command(flatten)]
+    kube: KubeArgs,
 }
 
 #[tokio::main]
@@ -58,11 +105,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
+        Command::Token(TokenCommand::Create(args)) => token_create(args).await,
     }
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+async fn kube_client(args: &KubeArgs) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -73,8 +121,21 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Clien
     Ok(kube::Client::try_from(config)?)
 }
 
+async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
+    let client = kube_client(&args.kube).await?;
+    let issued = admission::create_token(&client, &args.node, args.site.as_deref(), args.ttl)
+        .await
+        .context("cannot issue a join token")?;
+    eprintln!(
+        "join token for node {} (expires {}); it is shown only this once:",
+        issued.node, issued.expires_at
+    );
+    println!("{}", issued.token);
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube_client(args.kubeconfig.as_ref()).await?;
+    let client = kube_client(&args.kube).await?;
     let version = client
         .apiserver_version()
         .await
@@ -82,8 +143,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(version = %version.git_version, "connected to the Kubernetes API");
 
     let key = outpost_sync::identity::load_or_create(&args.data_dir)?;
+    let me = outpost_sync::PeerId::from(key.public());
+    let replica = Replica::open(args.data_dir.join("replica"), me, ReplicaOptions::default())
+        .context("opening the replica")?;
+    let engine = Engine::new(
+        replica,
+        outpost_sync::access::Roster::new(),
+        SyncMetrics::default(),
+    );
     let endpoint = transport::bind(key, args.listen).await?;
-    let me = PeerAddr {
+    endpoint.set_alpns(vec![SYNC_ALPN.to_vec(), JOIN_ALPN.to_vec()]);
+    let addr = PeerAddr {
         id: endpoint.id(),
         addr: endpoint
             .bound_sockets()
@@ -92,58 +162,46 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or(args.listen),
     };
     let addr_file = args.data_dir.join("peer-addr");
-    std::fs::write(&addr_file, format!("{me}\n"))
+    std::fs::write(&addr_file, format!("{addr}\n"))
         .with_context(|| format!("writing {}", addr_file.display()))?;
-    info!(peer = %me, file = %addr_file.display(), "listening for edges");
+    info!(peer = %addr, file = %addr_file.display(), "listening for edges");
 
+    let bridge = Bridge::new(
+        client.clone(),
+        engine.clone(),
+        BridgeConfig {
+            lease_duration_s: args.lease_duration_s,
+            ..BridgeConfig::default()
+        },
+    );
     let accept = {
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
+                let (engine, client) = (engine.clone(), client.clone());
                 tokio::spawn(async move {
-                    match incoming.await {
-                        Ok(conn) => serve_edge(conn).await,
-                        Err(e) => warn!(error = %e, "incoming connection failed"),
+                    let conn = match incoming.await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            warn!(error = %e, "incoming connection failed");
+                            return;
+                        }
+                    };
+                    if conn.alpn() == JOIN_ALPN {
+                        join::serve(conn, &client).await;
+                    } else {
+                        engine.serve_connection(conn).await;
                     }
                 });
             }
         })
     };
-    outpost_sync::signal::shutdown().await;
+    let result = tokio::select! {
+        r = bridge.run() => r.context("the bridge stopped"),
+        () = outpost_sync::signal::shutdown() => Ok(()),
+    };
     info!("shutting down");
     accept.abort();
     endpoint.close().await;
-    Ok(())
-}
-
-/// Answers an edge's link checks until it goes away. The sync protocol
-/// replaces this exchange; the connection handling stays.
-async fn serve_edge(conn: iroh::endpoint::Connection) {
-    let edge = conn.remote_id();
-    info!(%edge, "edge connected");
-    loop {
-        let (mut send, mut recv) = match conn.accept_bi().await {
-            Ok(streams) => streams,
-            Err(e) => {
-                info!(%edge, reason = %e, "edge disconnected");
-                return;
-            }
-        };
-        let hello =
-            match tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1024)).await {
-                Ok(Ok(bytes)) => bytes,
-                Ok(Err(e)) => {
-                    warn!(%edge, error = %e, "bad link check");
-                    continue;
-                }
-                Err(_) => {
-                    warn!(%edge, "link check timed out");
-                    continue;
-                }
-            };
-        tracing::debug!(%edge, hello = %String::from_utf8_lossy(&hello), "link check");
-        if send.write_all(b"ok").await.is_err() || send.finish().is_err() {
-            continue;
-        }
-    }
+    result
 }

@@ -16,3 +16,24 @@ fn help_describes_the_binary() {
     );
     assert!(text.contains("Usage: outpost-cloud"), "{text}");
 }
+
+#[test]
+fn token_create_explains_its_flags_and_refuses_a_bad_ttl() {
+    let bin = env!("CARGO_BIN_EXE_outpost-cloud");
+    let out = Command::new(bin)
+        .args(["token", "create", "--help"])
+        .output()
+        .expect("run outpost-cloud token create --help");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--node", "--ttl", "[default: 1h]", "--site"] {
+        assert!(text.contains(flag), "--help shows {flag}: {text}");
+    }
+    let out = Command::new(bin)
+        .args(["token", "create", "--node", "edge-1", "--ttl", "soon"])
+        .output()
+        .expect("run outpost-cloud token create");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a duration"), "{err}");
+}

@@ -1,0 +1,787 @@
+//! The running bridge: watchers on one side, the replica on the other.
+//!
+//! Three loops share a sync [`Engine`]:
+//! - **admission** watches the admission records (Secrets labelled
+//!   [`ADMITTED_LABEL`] in [`SYSTEM_NAMESPACE`]) through a reflector, turns
+//!   them into the engine's roster and publishes the admitted edges;
+//! - **nodes** applies a Node per admitted edge, and projects each edge's
+//!   node-status document to the Node's status and its Lease (renewed only
+//!   when a new heartbeat arrives, so a silent edge's Lease lapses and the
+//!   node controller marks it NotReady);
+//! - **pods** watches bound Pods, ConfigMaps and Secrets through reflectors,
+//!   writes pod-spec, configmap and secret documents for managed nodes, and
+//!   projects pod-status documents back through the status subresource,
+//!   finishing graceful deletions when the edge reports a pod terminated.
+//!
+//! Nothing polls: the API side comes from watch streams, the edge side from
+//! the replica's subscriptions. A failed API write is retried after
+//! [`BridgeConfig::retry_after`], by key, so that a later success replaces it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use outpost_sync::document::{DocId, DocKind};
+use outpost_sync::engine::Engine;
+use outpost_sync::replica::{Scope, Subscription, SubscriptionError};
+use outpost_sync::schema::{NodeStatusDoc, PodSpecDoc, PodStatusDoc};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::admission::{self, ADMITTED_LABEL, Admitted, SYSTEM_NAMESPACE};
+use crate::project::{self, MANAGED_BY, MANAGED_BY_LABEL, PodKey, Reference};
+
+/// The bridge's settings.
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// The field manager of the bridge's server-side applies.
+    pub field_manager: String,
+    /// `leaseDurationSeconds` of the node Leases (the kubelet's default: 40).
+    pub lease_duration_s: i32,
+    /// Node status is written when it changes, when the node controller
+    /// disagrees with it, or at least this often while heartbeats arrive
+    /// (the kubelet's `nodeStatusReportFrequency`: 5 minutes).
+    pub node_status_refresh: Duration,
+    /// How long a failed API write waits before it is tried again.
+    pub retry_after: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            field_manager: "outpost-cloud".into(),
+            lease_duration_s: 40,
+            node_status_refresh: Duration::from_secs(300),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the bridge stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The API refused a start-up step.
+    #[error("the Kubernetes API failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// A watch stream or the replica subscription ended.
+    #[error("{0} ended")]
+    Ended(&'static str),
+}
+
+/// The admitted edges by node name.
+pub type Edges = BTreeMap<String, Admitted>;
+
+/// The cloud bridge over one sync engine.
+#[derive(Clone)]
+pub struct Bridge {
+    client: Client,
+    engine: Engine,
+    config: Arc<BridgeConfig>,
+    edges: watch::Sender<Edges>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("engine", &self.engine)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Bridge {
+    /// A bridge between the API behind `client` and `engine`'s replica.
+    pub fn new(client: Client, engine: Engine, config: BridgeConfig) -> Self {
+        Self {
+            client,
+            engine,
+            config: Arc::new(config),
+            edges: watch::Sender::new(Edges::new()),
+        }
+    }
+
+    /// The admitted edges, as the bridge currently knows them.
+    pub fn edges(&self) -> watch::Receiver<Edges> {
+        self.edges.subscribe()
+    }
+
+    /// Runs until a watch stream or the replica ends (or an error at
+    /// start-up).
+    pub async fn run(self) -> Result<(), BridgeError> {
+        admission::ensure_namespace(&self.client).await?;
+        let admission = self.clone().admission_loop();
+        let nodes = NodeLoop::new(self.clone()).run();
+        let pods = PodLoop::new(self.clone()).run();
+        tokio::try_join!(admission, nodes, pods).map(|_| ())
+    }
+
+    fn apply_params(&self) -> PatchParams {
+        PatchParams::apply(&self.config.field_manager).force()
+    }
+
+    fn subscribe(&self, kinds: impl IntoIterator<Item = DocKind>) -> Subscription {
+        self.engine
+            .with_replica(|r| r.subscribe_scope(Scope::all().kinds(kinds)))
+    }
+
+    /// Every document of a kind in the replica.
+    fn scan(&self, kind: DocKind) -> Vec<DocId> {
+        self.engine.with_replica(|r| {
+            r.scan()
+                .filter_map(Result::ok)
+                .map(|(doc, _)| doc)
+                .filter(|doc| doc.kind() == kind)
+                .collect()
+        })
+    }
+
+    async fn admission_loop(self) -> Result<(), BridgeError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
+        let config = watcher::Config::default().labels(&format!("{ADMITTED_LABEL}=true"));
+        let (store, writer) = reflector::store();
+        let stream = watcher(api, config)
+            .default_backoff()
+            .reflect(writer)
+            .boxed();
+        let mut stream = stream;
+        let mut ready = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => ready = true,
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "admission watch failed; retrying");
+                    continue;
+                }
+            }
+            if !ready {
+                continue;
+            }
+            let state = store.state();
+            let edges = admission::latest_per_node(state.iter().map(|s| s.as_ref()));
+            if *self.edges.borrow() != edges {
+                self.engine.set_roster(admission::roster_of(&edges));
+                info!(edges = edges.len(), "roster updated");
+                self.edges.send_replace(edges);
+            }
+        }
+        Err(BridgeError::Ended("the admission watch"))
+    }
+}
+
+/// Receives the next document of a subscription; a lag yields `None`
+/// (the caller re-reads its scope).
+async fn next_doc(sub: &mut Subscription) -> Result<Option<DocId>, BridgeError> {
+    match sub.recv().await {
+        Ok(doc) => Ok(Some(doc)),
+        Err(SubscriptionError::Lagged(n)) => {
+            warn!(missed = n, "replica subscription lagged; re-reading");
+            Ok(None)
+        }
+        Err(SubscriptionError::Closed) => Err(BridgeError::Ended("the replica subscription")),
+    }
+}
+
+/// Schedules `key` to be sent on `tx` after `delay`.
+fn retry<T: Send + 'static>(tx: &mpsc::UnboundedSender<T>, key: T, delay: Duration) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = tx.send(key);
+    });
+}
+
+/// What the node loop knows of one node.
+#[derive(Debug, Default)]
+struct NodeState {
+    uid: Option<String>,
+    /// The newest heartbeat seen (edge clock, ms).
+    heartbeat_ms: u64,
+    /// The status last written, without heartbeat times.
+    status_key: Option<serde_json::Value>,
+    status_written: Option<Instant>,
+}
+
+struct NodeLoop {
+    bridge: Bridge,
+    nodes: HashMap<String, NodeState>,
+    store: Store<Node>,
+    retry_tx: mpsc::UnboundedSender<String>,
+    retry_rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl NodeLoop {
+    fn new(bridge: Bridge) -> Self {
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        Self {
+            bridge,
+            nodes: HashMap::new(),
+            store: reflector::store::<Node>().0,
+            retry_tx,
+            retry_rx,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), BridgeError> {
+        let mut edges_rx = self.bridge.edges();
+        let mut sub = self.bridge.subscribe([DocKind::NodeStatus]);
+        let api: Api<Node> = Api::all(self.bridge.client.clone());
+        let (store, writer) = reflector::store();
+        self.store = store;
+        let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+        let mut node_events = watcher(api, config)
+            .default_backoff()
+            .reflect(writer)
+            .boxed();
+        loop {
+            tokio::select! {
+                changed = edges_rx.changed() => {
+                    if changed.is_err() {
+                        return Err(BridgeError::Ended("the admission loop"));
+                    }
+                    let edges = edges_rx.borrow_and_update().clone();
+                    self.nodes.retain(|n, _| edges.contains_key(n));
+                    for edge in edges.values() {
+                        self.ensure_node(edge).await;
+                    }
+                }
+                doc = next_doc(&mut sub) => match doc? {
+                    Some(doc) => {
+                        if let outpost_sync::document::Owner::Node(node) = doc.owner() {
+                            let node = node.to_owned();
+                            self.project(&node).await;
+                        }
+                    }
+                    None => {
+                        let nodes: Vec<String> = self.nodes.keys().cloned().collect();
+                        for node in nodes {
+                            self.project(&node).await;
+                        }
+                    }
+                },
+                event = node_events.next() => match event {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => warn!(error = %e, "node watch failed; retrying"),
+                    None => return Err(BridgeError::Ended("the node watch")),
+                },
+                Some(node) = self.retry_rx.recv() => {
+                    let edge = self.bridge.edges.borrow().get(&node).cloned();
+                    if let Some(edge) = edge {
+                        if self.nodes.get(&node).is_none_or(|s| s.uid.is_none()) {
+                            self.ensure_node(&edge).await;
+                        } else {
+                            self.project(&node).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the Node of an admitted edge (labels, key annotation), then
+    /// its status if the edge has sent one.
+    async fn ensure_node(&mut self, edge: &Admitted) {
+        if self.nodes.get(&edge.node).is_some_and(|s| s.uid.is_some()) {
+            return;
+        }
+        let api: Api<Node> = Api::all(self.bridge.client.clone());
+        let patch = project::node_object(edge);
+        match api
+            .patch(
+                &edge.node,
+                &self.bridge.apply_params(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(node) => {
+                info!(node = %edge.node, peer = %edge.key, "node applied");
+                self.nodes.entry(edge.node.clone()).or_default().uid = node.metadata.uid;
+                self.project(&edge.node).await;
+            }
+            Err(e) => {
+                warn!(node = %edge.node, error = %e, "cannot apply node; retrying");
+                retry(
+                    &self.retry_tx,
+                    edge.node.clone(),
+                    self.bridge.config.retry_after,
+                );
+            }
+        }
+    }
+
+    /// Projects a node-status document: renews the Lease on a new heartbeat,
+    /// writes the Node status when it changed.
+    async fn project(&mut self, node: &str) {
+        let Some(state) = self.nodes.get_mut(node) else {
+            return; // not admitted (or not applied yet: ensure_node comes back here)
+        };
+        let Ok(id) = project::node_status_id(node) else {
+            return;
+        };
+        let doc = match self
+            .bridge
+            .engine
+            .with_replica(|r| r.get::<NodeStatusDoc>(&id))
+        {
+            Ok(Some(doc)) => doc,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(%node, error = %e, "unreadable node-status document");
+                return;
+            }
+        };
+        let config = &self.bridge.config;
+        let now = Timestamp::now();
+        let now_ms = u64::try_from(now.as_millisecond()).unwrap_or_default();
+        // The first heartbeat this process sees must be recent: a document
+        // left from before a restart is no proof that the edge is alive.
+        let fresh = if state.heartbeat_ms == 0 {
+            now_ms.saturating_sub(doc.heartbeat_ms) < config.lease_duration_s as u64 * 1000
+        } else {
+            doc.heartbeat_ms > state.heartbeat_ms
+        };
+        let mut failed = false;
+        if fresh {
+            let lease =
+                project::lease_patch(node, state.uid.as_deref(), now, config.lease_duration_s);
+            let api: Api<Lease> =
+                Api::namespaced(self.bridge.client.clone(), project::NODE_LEASE_NAMESPACE);
+            match api
+                .patch(node, &self.bridge.apply_params(), &Patch::Apply(&lease))
+                .await
+            {
+                Ok(_) => {
+                    debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
+                    state.heartbeat_ms = doc.heartbeat_ms;
+                }
+                Err(e) => {
+                    warn!(%node, error = %e, "cannot renew lease");
+                    failed = true;
+                }
+            }
+        }
+        let key = project::node_status_patch(node, &doc, false);
+        let live_ready = self.store.get(&ObjectRef::new(node)).and_then(|n| {
+            n.status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.status.clone())
+        });
+        let stale = state
+            .status_written
+            .is_none_or(|t| t.elapsed() >= config.node_status_refresh);
+        let disagrees = live_ready.as_deref() != Some(project::desired_ready(&doc).as_str());
+        if state.status_key.as_ref() != Some(&key) || (fresh && (stale || disagrees)) {
+            let patch = project::node_status_patch(node, &doc, true);
+            let api: Api<Node> = Api::all(self.bridge.client.clone());
+            match api
+                .patch_status(node, &self.bridge.apply_params(), &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => {
+                    debug!(%node, "node status written");
+                    state.status_key = Some(key);
+                    state.status_written = Some(Instant::now());
+                }
+                Err(e) if admission::is_status(&e, 404) => {
+                    warn!(%node, "node is gone; applying it again");
+                    state.uid = None;
+                    failed = true;
+                }
+                Err(e) => {
+                    warn!(%node, error = %e, "cannot write node status");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            retry(&self.retry_tx, node.to_owned(), config.retry_after);
+        }
+    }
+}
+
+/// What the pod loop retries.
+#[derive(Debug)]
+enum PodRetry {
+    Spec(ObjectRef<Pod>),
+    Status(DocId),
+}
+
+struct PodLoop {
+    bridge: Bridge,
+    pods: Store<Pod>,
+    configmaps: Store<ConfigMap>,
+    secrets: Store<Secret>,
+    /// Which pods (uid → node) use each (namespace, reference).
+    users: HashMap<(String, Reference), HashMap<String, String>>,
+    /// What each pod (uid) uses.
+    uses: HashMap<String, (String, BTreeSet<Reference>)>,
+    /// Managed pods by uid: their pod-spec document (for deletions seen
+    /// only as a watch Delete event).
+    specs: HashMap<String, DocId>,
+    retry_tx: mpsc::UnboundedSender<PodRetry>,
+    retry_rx: mpsc::UnboundedReceiver<PodRetry>,
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .boxed();
+    (store, stream)
+}
+
+impl PodLoop {
+    fn new(bridge: Bridge) -> Self {
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        Self {
+            bridge,
+            pods: reflector::store::<Pod>().0,
+            configmaps: reflector::store::<ConfigMap>().0,
+            secrets: reflector::store::<Secret>().0,
+            users: HashMap::new(),
+            uses: HashMap::new(),
+            specs: HashMap::new(),
+            retry_tx,
+            retry_rx,
+        }
+    }
+
+    fn managed(&self, node: &str) -> bool {
+        self.bridge.edges.borrow().contains_key(node)
+    }
+
+    async fn run(mut self) -> Result<(), BridgeError> {
+        let client = self.bridge.client.clone();
+        let mut edges_rx = self.bridge.edges();
+        let mut managed: HashSet<String> = HashSet::new();
+        let mut sub = self.bridge.subscribe([DocKind::PodStatus]);
+        // Bound pods only; which of them are on managed nodes is checked here.
+        let (pods, mut pod_events) = reflect(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields("spec.nodeName!="),
+        );
+        let (configmaps, mut cm_events) = reflect(
+            Api::<ConfigMap>::all(client.clone()),
+            watcher::Config::default(),
+        );
+        let (secrets, mut secret_events) = reflect(
+            Api::<Secret>::all(client.clone()),
+            watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
+        );
+        (self.pods, self.configmaps, self.secrets) = (pods, configmaps, secrets);
+        loop {
+            tokio::select! {
+                changed = edges_rx.changed() => {
+                    if changed.is_err() {
+                        return Err(BridgeError::Ended("the admission loop"));
+                    }
+                    let now: HashSet<String> = edges_rx.borrow_and_update().keys().cloned().collect();
+                    let added: Vec<String> = now.difference(&managed).cloned().collect();
+                    managed = now;
+                    // Pods bound before their node was admitted.
+                    for pod in self.pods.state() {
+                        if PodKey::of(&pod).is_some_and(|k| added.contains(&k.node)) {
+                            self.project_pod(&pod);
+                        }
+                    }
+                    if !added.is_empty() {
+                        self.project_all_statuses().await;
+                    }
+                }
+                event = pod_events.next() => match event {
+                    Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => {
+                        self.project_pod(&pod);
+                        self.finish_deletion(&pod).await;
+                    }
+                    Some(Ok(watcher::Event::Delete(pod))) => self.pod_gone(&pod),
+                    Some(Ok(watcher::Event::InitDone)) => self.project_all_statuses().await,
+                    Some(Ok(watcher::Event::Init)) => {}
+                    Some(Err(e)) => warn!(error = %e, "pod watch failed; retrying"),
+                    None => return Err(BridgeError::Ended("the pod watch")),
+                },
+                event = cm_events.next() => match event {
+                    Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
+                        let ns = cm.metadata.namespace.clone().unwrap_or_default();
+                        let r = Reference::ConfigMap(cm.metadata.name.clone().unwrap_or_default());
+                        self.write_reference(&ns, &r);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => warn!(error = %e, "configmap watch failed; retrying"),
+                    None => return Err(BridgeError::Ended("the configmap watch")),
+                },
+                event = secret_events.next() => match event {
+                    Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => {
+                        let ns = s.metadata.namespace.clone().unwrap_or_default();
+                        let r = Reference::Secret(s.metadata.name.clone().unwrap_or_default());
+                        self.write_reference(&ns, &r);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => warn!(error = %e, "secret watch failed; retrying"),
+                    None => return Err(BridgeError::Ended("the secret watch")),
+                },
+                doc = next_doc(&mut sub) => match doc? {
+                    Some(doc) => self.project_status(&doc).await,
+                    None => self.project_all_statuses().await,
+                },
+                Some(retry) = self.retry_rx.recv() => match retry {
+                    PodRetry::Spec(key) => {
+                        if let Some(pod) = self.pods.get(&key) {
+                            self.project_pod(&pod);
+                        }
+                    }
+                    PodRetry::Status(doc) => self.project_status(&doc).await,
+                },
+            }
+        }
+    }
+
+    /// Writes a managed pod's pod-spec document and the ConfigMaps and
+    /// Secrets it uses.
+    fn project_pod(&mut self, pod: &Pod) {
+        let Some(key) = PodKey::of(pod) else { return };
+        if !self.managed(&key.node) {
+            return;
+        }
+        let spec = match project::pod_spec_doc(pod) {
+            Ok(spec) => spec,
+            Err(e) => {
+                // Not retried: the pod changes (and comes back) or is fixed by hand.
+                warn!(pod = %format!("{}/{}", key.namespace, key.name), error = %e, "pod not projected");
+                return;
+            }
+        };
+        let doc = match key.spec_doc() {
+            Ok(doc) => doc,
+            Err(e) => {
+                warn!(error = %e, "pod not projected: invalid document id");
+                return;
+            }
+        };
+        if let Err(e) = self.bridge.engine.put(&doc, &spec) {
+            warn!(%doc, error = %e, "cannot write pod-spec document; retrying");
+            retry(
+                &self.retry_tx,
+                PodRetry::Spec(ObjectRef::from(pod)),
+                self.bridge.config.retry_after,
+            );
+            return;
+        }
+        self.specs.insert(key.uid.clone(), doc);
+        let refs = project::references(&spec);
+        self.set_uses(&key.uid, &key.node, &key.namespace, refs.clone());
+        for r in &refs {
+            self.write_reference_for(&key.node, &key.namespace, r);
+        }
+    }
+
+    fn set_uses(&mut self, uid: &str, node: &str, ns: &str, refs: BTreeSet<Reference>) {
+        if let Some((old_ns, old)) = self.uses.remove(uid) {
+            for r in old {
+                if let Some(users) = self.users.get_mut(&(old_ns.clone(), r.clone())) {
+                    users.remove(uid);
+                    if users.is_empty() {
+                        self.users.remove(&(old_ns.clone(), r));
+                    }
+                }
+            }
+        }
+        if refs.is_empty() {
+            return;
+        }
+        for r in &refs {
+            self.users
+                .entry((ns.to_owned(), r.clone()))
+                .or_default()
+                .insert(uid.to_owned(), node.to_owned());
+        }
+        self.uses.insert(uid.to_owned(), (ns.to_owned(), refs));
+    }
+
+    /// Writes a ConfigMap or Secret for every node whose pods use it.
+    fn write_reference(&self, ns: &str, r: &Reference) {
+        let Some(users) = self.users.get(&(ns.to_owned(), r.clone())) else {
+            return;
+        };
+        let nodes: BTreeSet<&String> = users.values().collect();
+        for node in nodes {
+            self.write_reference_for(node, ns, r);
+        }
+    }
+
+    fn write_reference_for(&self, node: &str, ns: &str, r: &Reference) {
+        let Ok(doc) = project::reference_id(node, ns, r) else {
+            return;
+        };
+        let written = match r {
+            Reference::ConfigMap(name) => {
+                match self.configmaps.get(&ObjectRef::new(name).within(ns)) {
+                    Some(cm) => self.bridge.engine.put(&doc, &project::configmap_doc(&cm)),
+                    None => return, // written when it appears
+                }
+            }
+            Reference::Secret(name) => match self.secrets.get(&ObjectRef::new(name).within(ns)) {
+                Some(s) => self.bridge.engine.put(&doc, &project::secret_doc(&s)),
+                None => return,
+            },
+        };
+        if let Err(e) = written {
+            warn!(%doc, error = %e, "cannot write document");
+        }
+    }
+
+    /// A managed pod left the API. If it went without the edge reporting it
+    /// stopped (a forced deletion), the edge is told to stop it now.
+    fn pod_gone(&mut self, pod: &Pod) {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return;
+        };
+        self.set_uses(&uid, "", "", BTreeSet::new());
+        let Some(doc) = self.specs.remove(&uid) else {
+            return;
+        };
+        let engine = &self.bridge.engine;
+        match engine.with_replica(|r| r.get::<PodSpecDoc>(&doc)) {
+            Ok(Some(mut spec)) if spec.deletion.is_none() => {
+                spec.deletion = Some(outpost_sync::schema::Deletion {
+                    requested_at: Timestamp::now().to_string(),
+                    grace_period_seconds: 0,
+                });
+                if let Err(e) = engine.put(&doc, &spec) {
+                    warn!(%doc, error = %e, "cannot mark a deleted pod");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(%doc, error = %e, "unreadable pod-spec document"),
+        }
+    }
+
+    async fn project_all_statuses(&mut self) {
+        for doc in self.bridge.scan(DocKind::PodStatus) {
+            self.project_status(&doc).await;
+        }
+    }
+
+    /// Writes a pod-status document to its Pod's status, and finishes the
+    /// pod's deletion if the edge reports it terminated.
+    async fn project_status(&mut self, doc: &DocId) {
+        let parts: Vec<&str> = doc.as_str().split('/').collect();
+        let [_, node, ns, name, uid] = parts[..] else {
+            debug!(%doc, "pod-status document id has an unexpected shape");
+            return;
+        };
+        let Some(pod) = self.pods.get(&ObjectRef::new(name).within(ns)) else {
+            return;
+        };
+        let Some(key) = PodKey::of(&pod) else { return };
+        if key.uid != uid || key.node != node || !self.managed(node) {
+            return;
+        }
+        let status = match self
+            .bridge
+            .engine
+            .with_replica(|r| r.get::<PodStatusDoc>(doc))
+        {
+            Ok(Some(status)) => status,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(%doc, error = %e, "unreadable pod-status document");
+                return;
+            }
+        };
+        let api: Api<Pod> = Api::namespaced(self.bridge.client.clone(), ns);
+        let patch = project::pod_status_patch(ns, name, &status);
+        match api
+            .patch_status(name, &self.bridge.apply_params(), &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => debug!(%doc, phase = %status.phase, "pod status written"),
+            Err(e) if admission::is_status(&e, 404) => return,
+            Err(e) => {
+                warn!(%doc, error = %e, "cannot write pod status; retrying");
+                retry(
+                    &self.retry_tx,
+                    PodRetry::Status(doc.clone()),
+                    self.bridge.config.retry_after,
+                );
+                return;
+            }
+        }
+        if status.terminated {
+            self.finish_deletion(&pod).await;
+        }
+    }
+
+    /// Deletes a pod for good (grace period 0, as the kubelet does) once it
+    /// is being deleted and its edge reported it terminated.
+    async fn finish_deletion(&mut self, pod: &Pod) {
+        if pod.metadata.deletion_timestamp.is_none() {
+            return;
+        }
+        let Some(key) = PodKey::of(pod) else { return };
+        if !self.managed(&key.node) {
+            return;
+        }
+        let Ok(doc) = key.status_doc() else { return };
+        let terminated = matches!(
+            self.bridge.engine.with_replica(|r| r.get::<PodStatusDoc>(&doc)),
+            Ok(Some(s)) if s.terminated && s.uid == key.uid
+        );
+        if !terminated {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(self.bridge.client.clone(), &key.namespace);
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(key.uid.clone()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&key.name, &params).await {
+            Ok(_) => {
+                info!(pod = %format!("{}/{}", key.namespace, key.name), "pod terminated at the edge; deleted")
+            }
+            Err(e) if admission::is_status(&e, 404) || admission::is_status(&e, 409) => {}
+            Err(e) => {
+                warn!(pod = %key.name, error = %e, "cannot delete terminated pod; retrying");
+                retry(
+                    &self.retry_tx,
+                    PodRetry::Status(doc),
+                    self.bridge.config.retry_after,
+                );
+            }
+        }
+    }
+}
