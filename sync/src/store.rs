@@ -1,8 +1,8 @@
 //! The event store: automerge changes on RocksDB.
 //!
 //! Column families:
-//! - `chunks`: `<doc id> 0x00 <change hash>` → the change's bytes, one per change;
-//! - `snapshots`: `<doc id> 0x00 <heads hash>` → a saved document (compaction's output);
+//! - `chunks`: `<doc id> 0x00 <position>` → the bytes of one change since the snapshot;
+//! - `snapshots`: `<doc id> 0x00` → the saved document (compaction's output);
 //! - `index`: `<doc id>` → [`IndexEntry`]: generation, heads, chunk count, snapshot;
 //! - `peers`: `<peer id> <doc id>` → what that peer acknowledged of the document;
 //! - `meta`: the replica's own facts (incarnation, clock).
@@ -26,7 +26,7 @@ const CF_INDEX: &str = "index";
 const CF_PEERS: &str = "peers";
 const CF_META: &str = "meta";
 const FORMAT_KEY: &[u8] = b"format";
-const FORMAT: &[u8] = b"outpost-store-1";
+const FORMAT: &[u8] = b"outpost-store-2";
 
 /// Errors of the event store.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +189,13 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// `<doc id> 0x00 <position, u32 big-endian>`: chunks load in order.
+fn chunk_key(doc: &DocId, seq: u32) -> Vec<u8> {
+    let mut key = chunk_prefix(doc);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
 fn chunk_prefix(doc: &DocId) -> Vec<u8> {
     let mut key = doc.as_str().as_bytes().to_vec();
     key.push(0);
@@ -328,41 +335,36 @@ impl Store {
         };
         let prefix = chunk_prefix(doc);
         let mut am = match entry.snapshot {
-            Some(heads_hash) => {
-                let mut key = prefix.clone();
-                key.extend_from_slice(&heads_hash);
+            Some(_) => {
                 let bytes = self
                     .db
-                    .get_cf(self.cf(CF_SNAPSHOTS), &key)
+                    .get_cf(self.cf(CF_SNAPSHOTS), &prefix)
                     .map_err(|e| self.db_err(e))?
                     .ok_or_else(|| self.corrupt(doc, "snapshot", "missing"))?;
                 AutoCommit::load(&bytes).map_err(|e| self.corrupt(doc, "snapshot", e))?
             }
             None => AutoCommit::new(),
         };
-        let mut changes = Vec::new();
         if entry.chunks == 0 {
-            // Nothing since the snapshot: no need to look.
+            // Nothing since the snapshot.
             return Ok(Some((am, entry)));
         }
-        let iter = self.db.iterator_cf(
-            self.cf(CF_CHUNKS),
-            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item.map_err(|e| self.db_err(e))?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
+        let keys: Vec<Vec<u8>> = (0..entry.chunks).map(|seq| chunk_key(doc, seq)).collect();
+        let mut changes = Vec::with_capacity(keys.len());
+        for value in self
+            .db
+            .batched_multi_get_cf(self.cf(CF_CHUNKS), &keys, true)
+        {
+            let value = value
+                .map_err(|e| self.db_err(e))?
+                .ok_or_else(|| self.corrupt(doc, "change chunk", "missing"))?;
             changes.push(
                 Change::from_bytes(value.to_vec())
                     .map_err(|e| self.corrupt(doc, "change chunk", e))?,
             );
         }
-        if !changes.is_empty() {
-            am.apply_changes_batch(changes)
-                .map_err(|e| self.corrupt(doc, "change chunk", e))?;
-        }
+        am.apply_changes_batch(changes)
+            .map_err(|e| self.corrupt(doc, "change chunk", e))?;
         Ok(Some((am, entry)))
     }
 
@@ -391,17 +393,15 @@ impl Store {
         changes: &[Vec<u8>],
         snapshot: impl FnOnce() -> Vec<u8>,
     ) {
-        let prefix = chunk_prefix(doc);
-        entry.chunks = entry.chunks.saturating_add(changes.len() as u32);
+        let stored = entry.chunks;
+        entry.chunks = stored.saturating_add(changes.len() as u32);
         if entry.chunks > self.options.compact_after_chunks {
-            self.put_snapshot(&mut batch.0, doc, entry, &snapshot());
+            self.put_snapshot(&mut batch.0, doc, entry, stored, &snapshot());
         } else {
-            for bytes in changes {
-                // Content addressing: re-writing the same change is idempotent.
-                let hash: [u8; 32] = *blake3::hash(bytes).as_bytes();
-                let mut key = prefix.clone();
-                key.extend_from_slice(&hash);
-                batch.0.put_cf(self.cf(CF_CHUNKS), key, bytes);
+            for (seq, bytes) in (stored..).zip(changes) {
+                batch
+                    .0
+                    .put_cf(self.cf(CF_CHUNKS), chunk_key(doc, seq), bytes);
             }
         }
         self.put_index(&mut batch.0, doc, entry);
@@ -429,7 +429,16 @@ impl Store {
         entry: &mut IndexEntry,
         saved: &[u8],
     ) {
-        self.put_snapshot(&mut batch.0, doc, entry, saved);
+        // The chunks stored now, whatever generation `entry` describes. A
+        // read error leaves chunks behind past the index's count, where
+        // nothing reads them and later chunks overwrite them.
+        let stored = self
+            .index(doc)
+            .ok()
+            .flatten()
+            .map_or(0, |e| e.chunks)
+            .max(entry.chunks);
+        self.put_snapshot(&mut batch.0, doc, entry, stored, saved);
         self.put_index(&mut batch.0, doc, entry);
         batch.1 += 1;
     }
@@ -443,47 +452,24 @@ impl Store {
         self.write(batch.0)
     }
 
+    /// Stages a snapshot of a document in place of its `stored` chunks.
+    /// Keys are fixed per document (the snapshot) and per position (the
+    /// chunks), so rewriting them overwrites: no tombstones pile up under a
+    /// document however often it is compacted or rolled over.
     fn put_snapshot(
         &self,
         batch: &mut WriteBatch,
         doc: &DocId,
         entry: &mut IndexEntry,
+        stored: u32,
         saved: &[u8],
     ) {
-        let prefix = chunk_prefix(doc);
-        // Point deletes of what the document has, not range deletes: range
-        // tombstones pile up in the memtable and slow every later read.
-        if entry.chunks > 0 {
-            for key in self.chunk_keys(&prefix) {
-                batch.delete_cf(self.cf(CF_CHUNKS), key);
-            }
+        for seq in 0..stored {
+            batch.delete_cf(self.cf(CF_CHUNKS), chunk_key(doc, seq));
         }
-        if let Some(old) = entry.snapshot {
-            let mut key = prefix.clone();
-            key.extend_from_slice(&old);
-            batch.delete_cf(self.cf(CF_SNAPSHOTS), key);
-        }
-        let heads_hash = *blake3::hash(&entry.heads.concat()).as_bytes();
-        let mut key = prefix;
-        key.extend_from_slice(&heads_hash);
-        batch.put_cf(self.cf(CF_SNAPSHOTS), key, saved);
+        batch.put_cf(self.cf(CF_SNAPSHOTS), chunk_prefix(doc), saved);
         entry.chunks = 0;
-        entry.snapshot = Some(heads_hash);
-    }
-
-    /// Keys of a document's stored chunks. A read error ends the list early:
-    /// the chunks left behind are changes the snapshot already holds, which
-    /// loading applies again harmlessly.
-    fn chunk_keys(&self, prefix: &[u8]) -> Vec<Box<[u8]>> {
-        self.db
-            .iterator_cf(
-                self.cf(CF_CHUNKS),
-                IteratorMode::From(prefix, rocksdb::Direction::Forward),
-            )
-            .map_while(Result::ok)
-            .map(|(key, _)| key)
-            .take_while(|key| key.starts_with(prefix))
-            .collect()
+        entry.snapshot = Some(*blake3::hash(&entry.heads.concat()).as_bytes());
     }
 
     fn put_index(&self, batch: &mut WriteBatch, doc: &DocId, entry: &IndexEntry) {
