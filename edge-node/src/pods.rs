@@ -390,28 +390,27 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(shared.config.sync_interval) => {}
-            _ = shared.wake.notified() => {}
-            got = changes.recv() => {
-                if let Err(outpost_sync::replica::SubscriptionError::Closed) = got {
-                    return;
+        // Wait for a change, a wake-up or the interval; reap finished syncs
+        // meanwhile (their pods are synced again at the next pass).
+        let next_pass = Instant::now() + shared.config.sync_interval;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_pass) => break,
+                _ = shared.wake.notified() => break,
+                got = changes.recv() => {
+                    if let Err(outpost_sync::replica::SubscriptionError::Closed) = got {
+                        return;
+                    }
+                    break;
                 }
-            }
-            Some(done) = workers.join_next(), if !workers.is_empty() => {
-                if let Ok(uid) = done {
-                    inflight.remove(&uid);
+                Some(done) = workers.join_next(), if !workers.is_empty() => {
+                    if let Ok(uid) = done {
+                        inflight.remove(&uid);
+                    }
                 }
-                continue_after_short_pause().await;
             }
         }
     }
-}
-
-/// A sync that finished may have left work for the next pass (a container
-/// just created gets its status): come back soon, but not in a hot loop.
-async fn continue_after_short_pause() {
-    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 fn drop_stale_probes(shared: &Shared, runtime: &HashMap<String, Runtime>, listed_at: Instant) {
@@ -867,8 +866,8 @@ async fn sync_container(
                     Failure {
                         reason: "CrashLoopBackOff".into(),
                         message: format!(
-                            "back-off {}s restarting failed container={} pod={}_{}({})",
-                            delay.as_secs(),
+                            "back-off {} restarting failed container={} pod={}_{}({})",
+                            human(delay),
                             container.name,
                             spec.name,
                             spec.namespace,
@@ -1023,8 +1022,11 @@ async fn sync_container(
             container_id: id.clone(),
         })
         .await;
-    // The restart happened: the next crash waits longer.
-    backoff_next(shared, &key, backoff);
+    // A restart happened: the next crash waits longer. (A first start
+    // does not count, as in kubelet.)
+    if newest.is_some() || failure_time(shared, &key).is_some() {
+        backoff_next(shared, &key, backoff);
+    }
     match started {
         Ok(_) => {
             shared.state().failures.remove(&key);
@@ -1041,6 +1043,16 @@ async fn sync_container(
         if old.state != cri::ContainerState::ContainerRunning as i32 {
             remove_container(shared, &old.id).await;
         }
+    }
+}
+
+/// `10s`, `1m20s`, `500ms`: a back-off as kubelet prints it.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s, d.subsec_millis()) {
+        (0, ms) => format!("{ms}ms"),
+        (s, _) if s >= 60 => format!("{}m{}s", s / 60, s % 60),
+        (s, _) => format!("{s}s"),
     }
 }
 
