@@ -48,7 +48,7 @@ use std::path::PathBuf;
 use automerge::ChangeHash;
 use outpost_sync::PeerId;
 use outpost_sync::access::{Role, Roster};
-use outpost_sync::desired::{DesiredWrite, resolve, set_desired};
+use outpost_sync::desired::{DesiredWrite, resolve, set_desired, writes};
 use outpost_sync::document::{DocId, DocKind, Owner};
 use outpost_sync::protocol::{Event as SessionEvent, Message, Session, decode, encode};
 use outpost_sync::replica::{Replica, ReplicaOptions};
@@ -1761,15 +1761,7 @@ impl World {
                 continue;
             }
             let resolved = resolve(v);
-            let Some(props) = v.get("desired").and_then(Value::as_object) else {
-                continue;
-            };
-            for (prop, _) in props {
-                let slots: Vec<DesiredWrite> = props
-                    .get(prop)
-                    .and_then(Value::as_object)
-                    .map(|m| m.keys().filter_map(|w| resolve_slot(v, prop, w)).collect())
-                    .unwrap_or_default();
+            for (prop, slots) in writes(v) {
                 let Some(winner) = slots
                     .iter()
                     .max_by(|a, b| (a.at, &a.writer).cmp(&(b.at, &b.writer)))
@@ -1783,7 +1775,7 @@ impl World {
                     })
                     .collect();
                 losers.sort_by(|a, b| (b.at, &b.writer).cmp(&(a.at, &a.writer)));
-                let Some(got) = resolved.get(prop) else {
+                let Some(got) = resolved.get(&prop) else {
                     self.fail("conflict", format!("{d}/{prop}: resolve() gives no value"));
                     continue;
                 };
@@ -1979,20 +1971,10 @@ impl World {
 }
 
 fn resolve_slot(v: &Value, property: &str, writer: &str) -> Option<DesiredWrite> {
-    let slot = v.get("desired")?.get(property)?.get(writer)?;
-    let num = |k: &str| slot.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Some(DesiredWrite {
-        writer: writer.to_owned(),
-        value: slot.get("value")?.as_str()?.to_owned(),
-        at: outpost_sync::hlc::Hlc {
-            wall_ms: num("wall_ms"),
-            counter: num("counter") as u32,
-        },
-        seen: outpost_sync::hlc::Hlc {
-            wall_ms: num("seen_wall_ms"),
-            counter: num("seen_counter") as u32,
-        },
-    })
+    writes(v)
+        .remove(property)?
+        .into_iter()
+        .find(|w| w.writer == writer)
 }
 
 fn hex(b: &[u8]) -> String {

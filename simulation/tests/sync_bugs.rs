@@ -1,6 +1,5 @@
-//! Bugs of outpost-sync that the simulation found, reduced to a few lines.
-//! Each test states the correct behaviour and is ignored until sync fixes
-//! the bug: `cargo test -p outpost-simulation --test sync_bugs -- --ignored`.
+//! Bugs of outpost-sync that the simulation found, reduced to a few lines,
+//! kept as regression tests once fixed.
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
@@ -38,7 +37,6 @@ fn sync(from: &mut Replica, to: &mut Replica, doc: &DocId) {
 /// acknowledged write is lost, not even visible as a losing write. It stays
 /// lost unless its writer writes that property again.
 #[test]
-#[ignore = "sync bug: concurrent creation of a device-desired document hides one writer's slot"]
 fn concurrent_first_desired_writes_keep_both_slots() {
     let disk = MemoryDisk::new().unwrap();
     let mut cloud = open(&disk, "cloud", 1);

@@ -11,8 +11,13 @@
 //! what the winner saw) lost a conflict, and stays visible as such: who
 //! wrote it, when, and what.
 //!
-//! Document layout: `{"desired": {"<property>": {"<writer>": {"value", "wall_ms", "counter", "seen_wall_ms", "seen_counter"}}}}`,
-//! beside whatever else the writers keep in the document (protocol and visitor config).
+//! Document layout: each writer keeps its slots under a root key of its own,
+//! `{"desired:<writer>": {"<property>": {"value", "wall_ms", "counter", "seen_wall_ms", "seen_counter"}}}`,
+//! beside whatever else the writers keep in the document (protocol and
+//! visitor config). Only that writer ever creates that key or the maps in
+//! it: two writers creating one nested map concurrently would make two
+//! concurrent maps under one key, of which automerge keeps one, and the
+//! other writer's values would vanish.
 
 use std::collections::BTreeMap;
 
@@ -63,20 +68,36 @@ fn hlc_of(slot: &Value, wall: &str, counter: &str) -> Hlc {
     }
 }
 
-fn writes_of(slots: &Value) -> Vec<DesiredWrite> {
-    let Some(map) = slots.as_object() else {
-        return Vec::new();
+/// The root key holding a writer's slots.
+pub const SLOTS_PREFIX: &str = "desired:";
+
+/// Every writer's desired value of every property of a device-desired
+/// document's JSON, by property. Malformed slots are skipped.
+pub fn writes(doc: &Value) -> BTreeMap<String, Vec<DesiredWrite>> {
+    let mut out: BTreeMap<String, Vec<DesiredWrite>> = BTreeMap::new();
+    let Some(root) = doc.as_object() else {
+        return out;
     };
-    map.iter()
-        .filter_map(|(writer, slot)| {
-            Some(DesiredWrite {
-                writer: writer.clone(),
-                value: slot.get("value")?.as_str()?.to_owned(),
+    for (key, props) in root {
+        let Some(writer) = key.strip_prefix(SLOTS_PREFIX) else {
+            continue;
+        };
+        let Some(props) = props.as_object() else {
+            continue;
+        };
+        for (property, slot) in props {
+            let Some(value) = slot.get("value").and_then(Value::as_str) else {
+                continue;
+            };
+            out.entry(property.clone()).or_default().push(DesiredWrite {
+                writer: writer.to_owned(),
+                value: value.to_owned(),
                 at: hlc_of(slot, "wall_ms", "counter"),
                 seen: hlc_of(slot, "seen_wall_ms", "seen_counter"),
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    out
 }
 
 /// Sets this replica's desired value of `property` in a device-desired
@@ -93,17 +114,25 @@ pub fn set_desired(
     }
     let mut body = replica.read_json(doc)?.unwrap_or_else(|| json!({}));
     let me = replica.me().to_string();
-    let slots = body
-        .pointer(&format!("/desired/{}", escape(property)))
-        .cloned()
-        .unwrap_or(Value::Null);
-    let seen = writes_of(&slots)
+    let all = writes(&body);
+    let seen = all
+        .get(property)
         .into_iter()
+        .flatten()
         .filter(|w| w.writer != me)
         .map(|w| w.at)
         .max()
         .unwrap_or_default();
-    replica.observe(seen);
+    // After what it saw, and after its own previous write.
+    let own = all
+        .get(property)
+        .into_iter()
+        .flatten()
+        .filter(|w| w.writer == me)
+        .map(|w| w.at)
+        .max()
+        .unwrap_or_default();
+    replica.observe(seen.max(own));
     let at = replica.tick(now_ms)?;
     let slot = json!({
         "value": value,
@@ -115,42 +144,34 @@ pub fn set_desired(
     if !body.is_object() {
         body = json!({});
     }
-    let desired = body
-        .as_object_mut()
-        .map(|o| o.entry("desired").or_insert_with(|| json!({})));
-    if let Some(Value::Object(desired)) = desired {
-        let prop = desired.entry(property).or_insert_with(|| json!({}));
-        if !prop.is_object() {
-            *prop = json!({});
+    let mine = body.as_object_mut().map(|o| {
+        o.entry(format!("{SLOTS_PREFIX}{me}"))
+            .or_insert_with(|| json!({}))
+    });
+    if let Some(mine) = mine {
+        if !mine.is_object() {
+            *mine = json!({});
         }
-        if let Value::Object(prop) = prop {
-            prop.insert(me, slot);
+        if let Value::Object(mine) = mine {
+            mine.insert(property.to_owned(), slot);
         }
     }
     replica.write_json(doc, &body, now_ms)?;
     Ok(at)
 }
 
-fn escape(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
-}
-
 /// Resolves every property of a device-desired document's JSON by the rule
 /// above.
 pub fn resolve(doc: &Value) -> BTreeMap<String, Resolved> {
     let mut out = BTreeMap::new();
-    let Some(props) = doc.get("desired").and_then(Value::as_object) else {
-        return out;
-    };
-    for (name, slots) in props {
-        let mut writes = writes_of(slots);
+    for (name, mut writes) in writes(doc) {
         writes.sort_by(|a, b| (b.at, &b.writer).cmp(&(a.at, &a.writer)));
         let mut iter = writes.into_iter();
         let Some(winner) = iter.next() else { continue };
         let losers = iter
             .filter(|w| w.at > winner.seen && w.value != winner.value)
             .collect();
-        out.insert(name.clone(), Resolved { winner, losers });
+        out.insert(name, Resolved { winner, losers });
     }
     out
 }

@@ -756,10 +756,12 @@ pub struct DeviceDesiredDoc {
     /// How often the device's state is reported, ns (0: the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_report_cycle: Option<i64>,
-    /// Desired values: one slot per writer per property, managed by
-    /// [`crate::desired`]; resolve with [`crate::desired::resolve`].
-    #[serde(default)]
-    pub desired: BTreeMap<String, serde_json::Value>,
+    /// Desired values: each writer's slots under its own root key
+    /// (`desired:<writer>`), managed by [`crate::desired`]; resolve with
+    /// [`crate::desired::resolve`]. Every root key this schema does not name
+    /// lands here and is written back unchanged.
+    #[serde(flatten)]
+    pub slots: BTreeMap<String, serde_json::Value>,
 }
 
 impl Schema for DeviceDesiredDoc {
