@@ -52,6 +52,8 @@ pub struct Edge {
     pub engine: Option<Engine>,
     pub manager: Option<PodManager>,
     pub backoff: Backoff,
+    /// The peers the edge's engine trusts (the cloud, in tests that have one).
+    pub roster: Roster,
     cleanup: Cleanup,
 }
 
@@ -108,6 +110,7 @@ impl Edge {
                 max: Duration::from_secs(4),
                 reset_after: Duration::from_secs(600),
             },
+            roster: Roster::new(),
             cleanup: Cleanup { socket, node, dir },
         };
         edge.start_agent().await;
@@ -130,7 +133,7 @@ impl Edge {
         }
         let engine = Engine::new(
             replica.expect("open the replica"),
-            Roster::new(),
+            self.roster.clone(),
             SyncMetrics::default(),
         );
         self.start_manager(engine);
