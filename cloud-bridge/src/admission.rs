@@ -386,10 +386,10 @@ pub async fn admit(client: &Client, token: &str, key: PeerId) -> Result<Admitted
             reason: "no node annotation",
         })?;
     if let Some(by) = ann.get(PEER_KEY_ANNOTATION) {
-        if parse_key(by) == Some(key) {
-            if let Some(admitted) = Admitted::from_secret(&secret) {
-                return Ok(admitted);
-            }
+        if parse_key(by) == Some(key)
+            && let Some(admitted) = Admitted::from_secret(&secret)
+        {
+            return Ok(admitted);
         }
         return Err(AdmitError::Spent {
             id: token.id.clone(),

@@ -147,12 +147,7 @@ impl Bridge {
     async fn admission_loop(self) -> Result<(), BridgeError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         let config = watcher::Config::default().labels(&format!("{ADMITTED_LABEL}=true"));
-        let (store, writer) = reflector::store();
-        let stream = watcher(api, config)
-            .default_backoff()
-            .reflect(writer)
-            .boxed();
-        let mut stream = stream;
+        let (store, mut stream) = reflect(api, config);
         let mut ready = false;
         while let Some(event) = stream.next().await {
             match event {
@@ -236,13 +231,9 @@ impl NodeLoop {
         let mut edges_rx = self.bridge.edges();
         let mut sub = self.bridge.subscribe([DocKind::NodeStatus]);
         let api: Api<Node> = Api::all(self.bridge.client.clone());
-        let (store, writer) = reflector::store();
-        self.store = store;
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-        let mut node_events = watcher(api, config)
-            .default_backoff()
-            .reflect(writer)
-            .boxed();
+        let (store, mut node_events) = reflect(api, config);
+        self.store = store;
         loop {
             tokio::select! {
                 changed = edges_rx.changed() => {
@@ -437,13 +428,11 @@ struct PodLoop {
     retry_rx: mpsc::UnboundedReceiver<PodRetry>,
 }
 
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-) -> (
-    Store<K>,
-    std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>,
-)
+/// A watch stream whose events have been applied to a reflector store.
+type Events<K> =
+    std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
+
+fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, Events<K>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone

@@ -8,6 +8,7 @@
 //! - an admitted edge becomes a Ready Node whose Lease follows heartbeats; a
 //!   Pod scheduled to it (nodeSelector) reaches the edge with its ConfigMap
 //!   and Secret, its status comes back, and its deletion waits for the edge;
+//!   a Pod bound by spec.nodeName and force-deleted is stopped at the edge;
 //! - a silent edge's Lease is no longer renewed and the node controller
 //!   marks the Node NotReady.
 
@@ -379,12 +380,15 @@ async fn admitted_edge_runs_a_scheduled_pod_and_its_deletion_waits_for_the_edge(
         .await
         .unwrap();
     let edge_key = new_key();
+    let started = Instant::now();
     admission::admit(&client, &issued.token.to_string(), edge_key)
         .await
         .unwrap();
-    let started = Instant::now();
     bridge.until_admitted(&node).await;
-    eprintln!("admission record to roster: {:?}", started.elapsed());
+    eprintln!(
+        "admit to the key in the bridge's roster: {:?}",
+        started.elapsed()
+    );
     let edge = edge(edge_key, &node, bridge.engine.me());
     let _link = connect(&edge, &bridge.engine, DEFAULT_LINK_BUFFER);
 
@@ -634,6 +638,51 @@ async fn admitted_edge_runs_a_scheduled_pod_and_its_deletion_waits_for_the_edge(
         "terminated at the edge to pod gone: {:?}",
         started.elapsed()
     );
+
+    // A pod bound by spec.nodeName and deleted at once (grace period 0)
+    // leaves the API without waiting: the edge is told to stop it anyway.
+    let forced = pods
+        .create(
+            &pp,
+            &serde_json::from_value(json!({
+                "metadata": {"name": "forced"},
+                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "docker.io/outpost/busybox:1"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let forced_uid = forced.metadata.uid.unwrap();
+    let forced_doc = project::pod_spec_id(&node, &ns, "forced", &forced_uid).unwrap();
+    until(
+        "the forced pod at the edge",
+        Duration::from_secs(10),
+        async || {
+            edge.with_replica(|r| r.get::<PodSpecDoc>(&forced_doc))
+                .unwrap()
+        },
+    )
+    .await;
+    pods.delete(
+        "forced",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .unwrap();
+    let spec: PodSpecDoc = until(
+        "the forced deletion at the edge",
+        Duration::from_secs(10),
+        async || {
+            edge.with_replica(|r| r.get::<PodSpecDoc>(&forced_doc))
+                .unwrap()
+                .filter(|s| s.deletion.is_some())
+        },
+    )
+    .await;
+    assert_eq!(spec.deletion.unwrap().grace_period_seconds, 0);
 
     drop(bridge);
     cleanup(&client, &node, issued.token.id(), Some(&ns)).await;
