@@ -189,7 +189,10 @@ pub fn validate_node_name(node: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Creates the [`SYSTEM_NAMESPACE`] namespace if it is missing.
+/// Creates the [`SYSTEM_NAMESPACE`] namespace if it is missing. A bridge
+/// that may not create namespaces (deployed with `deploy/cloud-rbac.yaml`,
+/// which creates it) goes on: a missing namespace then shows as a clear
+/// error on the first token or watch.
 pub async fn ensure_namespace(client: &Client) -> Result<(), kube::Error> {
     let api: Api<Namespace> = Api::all(client.clone());
     let ns = Namespace {
@@ -201,7 +204,7 @@ pub async fn ensure_namespace(client: &Client) -> Result<(), kube::Error> {
     };
     match api.create(&PostParams::default(), &ns).await {
         Ok(_) => Ok(()),
-        Err(e) if is_status(&e, 409) => Ok(()),
+        Err(e) if is_status(&e, 409) || is_status(&e, 403) => Ok(()),
         Err(e) => Err(e),
     }
 }
