@@ -59,6 +59,25 @@ impl Roster {
         self.peers.get(peer)
     }
 
+    /// Document id prefixes covering everything `peer` may read, so that its
+    /// scope can be read from the index without scanning every document.
+    /// `None` when the peer may read everything (the cloud), or is unknown.
+    /// A prefix may match more than the scope (`node-status/edge-1` also
+    /// matches `node-status/edge-10`): filter with [`Roster::may_read`].
+    pub fn read_prefixes(&self, peer: &PeerId) -> Option<Vec<String>> {
+        let Some(Role::Edge { node, site }) = self.role(peer) else {
+            return None;
+        };
+        let mut prefixes = Vec::new();
+        for kind in crate::document::DocKind::ALL {
+            prefixes.push(format!("{}/{node}", kind.as_str()));
+            if let Some(site) = site {
+                prefixes.push(format!("{}/site:{site}", kind.as_str()));
+            }
+        }
+        Some(prefixes)
+    }
+
     fn owns(role: &Role, doc: &DocId) -> bool {
         match (role, doc.owner()) {
             (Role::Cloud, _) => false,

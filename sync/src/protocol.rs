@@ -277,20 +277,40 @@ impl Session {
     }
 
     /// Rebuilds the index of the scope shared with the peer from the replica.
+    /// With an edge, only the prefixes of its scope are read, so a cloud
+    /// holding a large fleet's documents indexes each edge's few.
     fn reindex(&mut self, replica: &Replica, roster: &Roster) -> Result<(), SessionError> {
         let me = replica.me();
         let mut index = Vec::new();
-        for item in replica.scan() {
-            let (doc, entry) = item.map_err(ReplicaError::from)?;
-            if shared(roster, &me, &self.peer, &doc) {
-                index.push((
-                    doc_hash(&doc),
-                    doc.clone(),
-                    item_fingerprint(&doc, &entry.digest()),
-                ));
+        let mut add =
+            |item: Result<(DocId, crate::store::IndexEntry), crate::store::StoreError>| {
+                let (doc, entry) = item.map_err(ReplicaError::from)?;
+                if shared(roster, &me, &self.peer, &doc) {
+                    index.push((
+                        doc_hash(&doc),
+                        doc.clone(),
+                        item_fingerprint(&doc, &entry.digest()),
+                    ));
+                }
+                Ok::<(), SessionError>(())
+            };
+        match roster.read_prefixes(&self.peer) {
+            Some(prefixes) => {
+                for prefix in &prefixes {
+                    for item in replica.scan_prefix(prefix) {
+                        add(item)?;
+                    }
+                }
+            }
+            None => {
+                for item in replica.scan() {
+                    add(item)?;
+                }
             }
         }
         index.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        // Should two prefixes ever match one id, count it once.
+        index.dedup_by(|a, b| a.1 == b.1);
         self.index = index;
         Ok(())
     }

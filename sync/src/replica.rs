@@ -408,6 +408,14 @@ impl Replica {
         self.store.scan_index()
     }
 
+    /// The documents whose id starts with `prefix`, in id order.
+    pub fn scan_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = Result<(DocId, IndexEntry), StoreError>> + 'a {
+        self.store.scan_index_prefix(prefix)
+    }
+
     /// Reads a document as JSON. `None` when the replica does not have it.
     pub fn read_json(&mut self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
         let id = doc.clone();

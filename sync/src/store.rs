@@ -308,8 +308,24 @@ impl Store {
 
     /// Every document id and index entry, in id order.
     pub fn scan_index(&self) -> impl Iterator<Item = Result<(DocId, IndexEntry), StoreError>> + '_ {
+        self.scan_index_prefix("")
+    }
+
+    /// The documents whose id starts with `prefix` and their index entries,
+    /// in id order.
+    pub fn scan_index_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = Result<(DocId, IndexEntry), StoreError>> + 'a {
         self.db
-            .iterator_cf(self.cf(CF_INDEX), IteratorMode::Start)
+            .iterator_cf(
+                self.cf(CF_INDEX),
+                IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward),
+            )
+            .take_while(move |item| {
+                item.as_ref()
+                    .map_or(true, |(key, _)| key.starts_with(prefix.as_bytes()))
+            })
             .map(move |item| {
                 let (key, value) = item.map_err(|e| self.db_err(e))?;
                 let text = String::from_utf8_lossy(&key).into_owned();
