@@ -57,11 +57,12 @@ pub struct Edge {
     cleanup: Cleanup,
 }
 
-/// Removes the node's sandboxes when dropped, even when a test fails.
-struct Cleanup {
-    socket: PathBuf,
-    node: String,
-    dir: PathBuf,
+/// Removes the node's sandboxes and the data dir when dropped, even when a
+/// test fails.
+pub struct Cleanup {
+    pub socket: PathBuf,
+    pub node: String,
+    pub dir: PathBuf,
 }
 
 impl Drop for Cleanup {
@@ -268,19 +269,25 @@ fn ctr(socket: &Path, args: &[&str]) -> String {
 fn images_tar() -> PathBuf {
     static TAR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     TAR.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("outpost-edge-images-{}.tar", std::process::id()));
+        // Exported under a name of this process, then renamed into place:
+        // concurrent test processes never read a half-written file.
+        let path = std::env::temp_dir().join("outpost-edge-test-images.tar");
+        let tmp = std::env::temp_dir().join(format!(
+            "outpost-edge-test-images.{}.tar",
+            std::process::id()
+        ));
         let shared = PathBuf::from(env("OUTPOST_CONTAINERD_SOCK"));
         let status = Command::new("ctr")
             .arg("--address")
             .arg(&shared)
             .args(["-n", "k8s.io", "images", "export"])
-            .arg(&path)
+            .arg(&tmp)
             .arg(image())
             .arg(env("OUTPOST_PAUSE_IMAGE"))
             .status()
             .expect("ctr images export");
         assert!(status.success(), "export test images");
+        std::fs::rename(&tmp, &path).unwrap();
         path
     })
     .clone()
@@ -418,12 +425,8 @@ impl PrivateContainerd {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("/usr/bin/containerd-shim")
-                || cmdline.contains("containerd-shim-runc-v2")
-            {
-                if cmdline.contains(&needle) {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
+            if cmdline.contains("containerd-shim") && cmdline.contains(&needle) {
+                let _ = Command::new("kill").args(["-9", pid]).status();
             }
         }
     }
