@@ -329,6 +329,13 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     let mut workers: JoinSet<String> = JoinSet::new();
     let mut inflight: HashSet<String> = HashSet::new();
     let mut runtime_down = false;
+    // What each pod looked like when last synced, and when: a pod whose
+    // spec and runtime state are unchanged is synced again only at the
+    // resync period, or when woken (a probe result, a back-off that ended,
+    // a changed document).
+    let mut synced: HashMap<String, (u64, Instant)> = HashMap::new();
+    let resync = shared.config.sync_interval * RESYNC_PASSES;
+    let mut force = true;
     info!(%node, "pod manager started");
     loop {
         // Reap finished pod syncs.
@@ -361,11 +368,21 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                     }
                 }
                 drop_stale_probes(&shared, &runtime, listed_at);
+                synced.retain(|uid, _| desired.contains_key(uid));
                 for (uid, (_, spec)) in desired.iter() {
                     if inflight.contains(uid) || fresh_done.contains(uid) {
                         continue;
                     }
                     let rt = runtime.remove(uid).unwrap_or_default();
+                    let print = fingerprint(spec, &rt);
+                    if !force
+                        && synced
+                            .get(uid)
+                            .is_some_and(|(p, at)| *p == print && at.elapsed() < resync)
+                    {
+                        continue;
+                    }
+                    synced.insert(uid.clone(), (print, Instant::now()));
                     inflight.insert(uid.clone());
                     let (shared, spec, uid) = (shared.clone(), spec.clone(), uid.clone());
                     workers.spawn(async move {
@@ -393,14 +410,19 @@ async fn reconcile_loop(shared: Arc<Shared>) {
         // Wait for a change, a wake-up or the interval; reap finished syncs
         // meanwhile (their pods are synced again at the next pass).
         let next_pass = Instant::now() + shared.config.sync_interval;
+        force = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next_pass) => break,
-                _ = shared.wake.notified() => break,
+                _ = shared.wake.notified() => {
+                    force = true;
+                    break;
+                }
                 got = changes.recv() => {
                     if let Err(outpost_sync::replica::SubscriptionError::Closed) = got {
                         return;
                     }
+                    force = true;
                     break;
                 }
                 Some(done) = workers.join_next(), if !workers.is_empty() => {
@@ -434,15 +456,40 @@ fn pod_dir(config: &PodManagerConfig, uid: &str) -> PathBuf {
     config.data_dir.join("pods").join(uid)
 }
 
-/// A stable hash of a container's spec (FNV-1a over its JSON).
+/// Passes between two syncs of a pod that did not change.
+const RESYNC_PASSES: u32 = 10;
+
+/// FNV-1a, 64 bits: stable across builds and Rust versions.
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+const FNV_OFFSET: u64 = 0xcbf29ce484222325;
+
+/// A stable hash of a container's spec.
 fn spec_hash(c: &Container) -> String {
     let json = serde_json::to_vec(c).unwrap_or_default();
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in json {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
+    format!("{:016x}", fnv(FNV_OFFSET, &json))
+}
+
+/// What a pod's sync depends on: its spec and the states of its sandboxes
+/// and containers.
+fn fingerprint(spec: &PodSpecDoc, rt: &Runtime) -> u64 {
+    let mut h = fnv(FNV_OFFSET, &serde_json::to_vec(spec).unwrap_or_default());
+    let mut parts: Vec<(String, i32)> = rt
+        .sandboxes
+        .iter()
+        .map(|s| (s.id.clone(), s.state))
+        .chain(rt.containers.iter().map(|c| (c.id.clone(), c.state)))
+        .collect();
+    parts.sort();
+    for (id, state) in parts {
+        h = fnv(h, id.as_bytes());
+        h = fnv(h, &state.to_le_bytes());
     }
-    format!("{h:016x}")
+    h
 }
 
 fn restart_count(c: &cri::Container) -> i32 {
