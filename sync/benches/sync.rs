@@ -352,7 +352,11 @@ fn live() {
 
 /// Commits `samples` pod-spec writes at `a` and waits for each to be
 /// persisted at `b`. Returns sorted (commit-to-persisted, local write) times, us.
-async fn propagation(a: &Engine, b: &Engine, samples: usize) -> (Vec<f64>, Vec<f64>) {
+async fn propagation(
+    a: &outpost_sync::engine::Engine,
+    b: &outpost_sync::engine::Engine,
+    samples: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let mut events = b.with_replica(|r| r.subscribe());
     let mut lags = Vec::new();
     let mut locals = Vec::new();

@@ -847,19 +847,6 @@ impl Replica {
             None => false,
         })
     }
-
-    /// The authors (first 32 bytes of the actor) of encoded changes, for
-    /// access checks before applying. `None` when a change does not decode.
-    pub fn authors(changes: &[Vec<u8>]) -> Option<Vec<PeerId>> {
-        changes
-            .iter()
-            .map(|bytes| {
-                Change::from_bytes(bytes.clone())
-                    .ok()
-                    .and_then(|c| change_author(&c))
-            })
-            .collect()
-    }
 }
 
 fn check_kind<T: Schema>(doc: &DocId) -> Result<(), ReplicaError> {
