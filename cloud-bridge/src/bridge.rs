@@ -4,7 +4,8 @@
 //! - **admission** watches the admission records (Secrets labelled
 //!   [`ADMITTED_LABEL`] in [`SYSTEM_NAMESPACE`]) through a reflector, turns
 //!   them into the engine's roster and publishes the admitted edges;
-//! - **nodes** applies a Node per admitted edge, and projects each edge's
+//! - **nodes** applies a Node per admitted edge (and deletes it when the
+//!   admission record is deleted: the key is no longer trusted), and projects each edge's
 //!   node-status document to the Node's status and its Lease (renewed only
 //!   when a new heartbeat arrives, so a silent edge's Lease lapses and the
 //!   node controller marks it NotReady);
@@ -241,7 +242,16 @@ impl NodeLoop {
                         return Err(BridgeError::Ended("the admission loop"));
                     }
                     let edges = edges_rx.borrow_and_update().clone();
-                    self.nodes.retain(|n, _| edges.contains_key(n));
+                    let revoked: Vec<String> = self
+                        .nodes
+                        .keys()
+                        .filter(|n| !edges.contains_key(*n))
+                        .cloned()
+                        .collect();
+                    for node in revoked {
+                        self.nodes.remove(&node);
+                        self.remove_node(&node).await;
+                    }
                     for edge in edges.values() {
                         self.ensure_node(edge).await;
                     }
@@ -276,6 +286,17 @@ impl NodeLoop {
                     }
                 }
             }
+        }
+    }
+
+    /// Deletes the Node of an edge whose admission record is gone (its key
+    /// is no longer trusted); its Lease goes with it (owner reference).
+    async fn remove_node(&self, node: &str) {
+        let api: Api<Node> = Api::all(self.bridge.client.clone());
+        match api.delete(node, &DeleteParams::default()).await {
+            Ok(_) => info!(%node, "admission revoked; node deleted"),
+            Err(e) if admission::is_status(&e, 404) => {}
+            Err(e) => warn!(%node, error = %e, "cannot delete the node of a revoked edge"),
         }
     }
 

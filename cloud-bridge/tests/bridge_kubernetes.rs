@@ -209,13 +209,14 @@ fn renew_time(lease: Option<&Lease>) -> Option<k8s_openapi::jiff::Timestamp> {
 
 /// Removes what a test made in the shared API server.
 async fn cleanup(client: &Client, node: &str, token_id: &str, ns: Option<&str>) {
+    // The admission record first: every bridge running then lets the node go.
     let dp = DeleteParams::default();
+    let _ = Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .delete(&admission::token_secret_name(token_id), &dp)
+        .await;
     let _ = Api::<Node>::all(client.clone()).delete(node, &dp).await;
     let _ = Api::<Lease>::namespaced(client.clone(), project::NODE_LEASE_NAMESPACE)
         .delete(node, &dp)
-        .await;
-    let _ = Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE)
-        .delete(&admission::token_secret_name(token_id), &dp)
         .await;
     if let Some(ns) = ns {
         let _ = Api::<Namespace>::all(client.clone()).delete(ns, &dp).await;
