@@ -16,6 +16,11 @@
 //!   crashed container is immediate, the next waits `base`, then twice as
 //!   long each time up to `max`; a container that ran `reset_after` before
 //!   exiting starts over. Waiting containers report `CrashLoopBackOff`.
+//! - **Init containers** run in order, each to completion, before the app
+//!   containers, and again in every new sandbox. The status schema has no
+//!   init container statuses: their progress shows in the `Initialized`
+//!   condition (`Init:0/2`, `Init:Error`, ...) and a failed one with policy
+//!   `Never` fails the pod.
 //! - **Probes** (exec through CRI `ExecSync`, HTTP, TCP) run in one worker
 //!   per container, see [`probe`].
 //! - **Status**: container states, restart counts, readiness and the pod's
@@ -719,21 +724,138 @@ async fn sync_pod(shared: &Arc<Shared>, spec: &PodSpecDoc, rt: Runtime) {
     let pod_ip = sandbox_ip(shared, &sandbox_id).await.unwrap_or_default();
     let host_ip = shared.config.node_ip.clone().unwrap_or_default();
     let prev = read_status(shared, spec);
-    for container in &spec.containers {
+    let ctx = SyncContext {
+        sandbox_id: &sandbox_id,
+        sandbox_cfg: &sandbox_cfg,
+        pod_ip: &pod_ip,
+        host_ip: &host_ip,
+        rt: &rt,
+        prev: prev.as_ref(),
+    };
+    let init = sync_init(shared, spec, &ctx).await;
+    if init.is_none() {
+        let role = Role {
+            policy: spec.restart_policy,
+            init: false,
+        };
+        for container in &spec.containers {
+            sync_container(
+                shared,
+                spec,
+                container,
+                &sandbox_id,
+                &sandbox_cfg,
+                &pod_ip,
+                &host_ip,
+                &rt,
+                prev.as_ref(),
+                role,
+            )
+            .await;
+        }
+    }
+    write_status_with(shared, spec, Some(&sandbox_id), &pod_ip, &rt, init.as_ref()).await;
+}
+
+/// What a container is in its pod.
+#[derive(Debug, Clone, Copy)]
+struct Role {
+    /// The restart policy that applies to it.
+    policy: RestartPolicy,
+    /// An init container: it runs to completion before the others, again in
+    /// every new sandbox.
+    init: bool,
+}
+
+struct SyncContext<'a> {
+    sandbox_id: &'a str,
+    sandbox_cfg: &'a cri::PodSandboxConfig,
+    pod_ip: &'a str,
+    host_ip: &'a str,
+    rt: &'a Runtime,
+    prev: Option<&'a PodStatusDoc>,
+}
+
+/// Why a pod's app containers wait for its init containers.
+#[derive(Debug, Clone)]
+struct InitBlock {
+    reason: String,
+    message: String,
+    /// An init container failed and will not be restarted (policy Never).
+    failed: bool,
+}
+
+/// Runs the init containers in order, each to completion. `None` once all
+/// have succeeded in the current sandbox.
+async fn sync_init(
+    shared: &Arc<Shared>,
+    spec: &PodSpecDoc,
+    ctx: &SyncContext<'_>,
+) -> Option<InitBlock> {
+    // Init containers restart on failure unless the pod never restarts.
+    let role = Role {
+        policy: if spec.restart_policy == RestartPolicy::Never {
+            RestartPolicy::Never
+        } else {
+            RestartPolicy::OnFailure
+        },
+        init: true,
+    };
+    for (i, ic) in spec.init_containers.iter().enumerate() {
+        let current = ctx
+            .rt
+            .containers
+            .iter()
+            .filter(|c| container_name(c) == ic.name && c.pod_sandbox_id == ctx.sandbox_id)
+            .max_by_key(|c| c.created_at);
+        let progress = format!("Init:{i}/{}", spec.init_containers.len());
+        if let Some(c) = current
+            && c.state == cri::ContainerState::ContainerExited as i32
+        {
+            let code = container_status(shared, &c.id)
+                .await
+                .map(|s| s.exit_code)
+                .unwrap_or(-1);
+            if code == 0 {
+                continue;
+            }
+            if role.policy == RestartPolicy::Never {
+                return Some(InitBlock {
+                    reason: "Init:Error".into(),
+                    message: format!("init container {:?} exited with code {code}", ic.name),
+                    failed: true,
+                });
+            }
+        }
         sync_container(
             shared,
             spec,
-            container,
-            &sandbox_id,
-            &sandbox_cfg,
-            &pod_ip,
-            &host_ip,
-            &rt,
-            prev.as_ref(),
+            ic,
+            ctx.sandbox_id,
+            ctx.sandbox_cfg,
+            ctx.pod_ip,
+            ctx.host_ip,
+            ctx.rt,
+            ctx.prev,
+            role,
         )
         .await;
+        let key = (spec.uid.clone(), ic.name.clone());
+        let failure = shared.state().failures.get(&key).cloned();
+        return Some(match failure {
+            Some(f) => InitBlock {
+                reason: format!("Init:{}", f.reason),
+                message: format!("init container {:?}: {}", ic.name, f.message),
+                failed: false,
+            },
+            None => InitBlock {
+                reason: progress,
+                message: format!("init container {:?} is running", ic.name),
+                failed: false,
+            },
+        });
     }
-    write_status(shared, spec, Some(&sandbox_id), &pod_ip, &rt).await;
+    None
 }
 
 fn record_pod_failure(shared: &Shared, uid: &str, reason: &str, message: &str) {
@@ -827,7 +949,9 @@ async fn sync_container(
     host_ip: &str,
     rt: &Runtime,
     prev: Option<&PodStatusDoc>,
+    role: Role,
 ) {
+    let policy = role.policy;
     let key = (spec.uid.clone(), container.name.clone());
     let mut mine: Vec<&cri::Container> = rt
         .containers
@@ -885,7 +1009,7 @@ async fn sync_container(
             // Exited (or unknown): restart under the policy and the back-off.
             let status = container_status(shared, &c.id).await;
             let exit_code = status.as_ref().map(|s| s.exit_code).unwrap_or(-1);
-            if !should_restart(spec.restart_policy, exit_code) {
+            if !should_restart(policy, exit_code) {
                 return;
             }
             let started = status.as_ref().map(|s| s.started_at).unwrap_or(0);
@@ -941,7 +1065,9 @@ async fn sync_container(
                     .await
                     .map(|s| s.exit_code)
                     .unwrap_or(-1);
-                if !should_restart(spec.restart_policy, exit_code)
+                // Init containers run again in every new sandbox.
+                if !role.init
+                    && !should_restart(policy, exit_code)
                     && old.state == cri::ContainerState::ContainerExited as i32
                     && exit_code >= 0
                 {
@@ -1375,6 +1501,18 @@ async fn write_status(
     pod_ip: &str,
     rt_before: &Runtime,
 ) {
+    write_status_with(shared, spec, sandbox_id, pod_ip, rt_before, None).await
+}
+
+/// [`write_status`], with the pod's init containers still to complete.
+async fn write_status_with(
+    shared: &Shared,
+    spec: &PodSpecDoc,
+    sandbox_id: Option<&str>,
+    pod_ip: &str,
+    rt_before: &Runtime,
+    init: Option<&InitBlock>,
+) {
     let Some(id) = status_id(&shared.config.node, &spec.namespace, &spec.name, &spec.uid) else {
         return;
     };
@@ -1496,10 +1634,12 @@ async fn write_status(
                     cs.restart_count = restart_count(old);
                 }
                 let pod_failure = shared.state().pod_failures.get(&spec.uid).cloned();
-                cs.state = waiting(
-                    failure.as_ref().or(pod_failure.as_ref()),
-                    "ContainerCreating",
-                );
+                let default = if init.is_some() {
+                    "PodInitializing"
+                } else {
+                    "ContainerCreating"
+                };
+                cs.state = waiting(failure.as_ref().or(pod_failure.as_ref()), default);
             }
         }
         statuses.push(cs);
@@ -1507,8 +1647,12 @@ async fn write_status(
     let pod_failure = shared.state().pod_failures.get(&spec.uid).cloned();
     let status = PodStatusDoc {
         uid: spec.uid.clone(),
-        phase: phase(spec.restart_policy, &statuses, sandbox_id.is_some()),
-        conditions: conditions(prev.as_ref(), &statuses, sandbox_id.is_some()),
+        phase: match init {
+            Some(b) if b.failed => "Failed".into(),
+            Some(_) => "Pending".into(),
+            None => phase(spec.restart_policy, &statuses, sandbox_id.is_some()),
+        },
+        conditions: conditions(prev.as_ref(), &statuses, sandbox_id.is_some(), init),
         container_statuses: statuses,
         pod_ip: (!pod_ip.is_empty()).then(|| pod_ip.to_owned()).or_else(|| {
             if spec.host_network {
@@ -1587,10 +1731,11 @@ fn conditions(
     prev: Option<&PodStatusDoc>,
     statuses: &[ContainerStatus],
     has_sandbox: bool,
+    init: Option<&InitBlock>,
 ) -> Vec<Condition> {
     let all_ready = has_sandbox && !statuses.is_empty() && statuses.iter().all(|s| s.ready);
     let now = clock::rfc3339(SystemTime::now());
-    let cond = |kind: &str, ok: bool, reason: Option<&str>| {
+    let cond = |kind: &str, ok: bool, reason: Option<&str>, message: Option<&str>| {
         let status = if ok { "True" } else { "False" };
         let last = prev
             .and_then(|p| p.conditions.iter().find(|c| c.kind == kind))
@@ -1602,14 +1747,28 @@ fn conditions(
             status: status.to_owned(),
             last_transition_time: Some(last),
             reason: if ok { None } else { reason.map(str::to_owned) },
-            message: None,
+            message: if ok { None } else { message.map(str::to_owned) },
         }
     };
+    let (init_reason, init_message) = match init {
+        Some(b) => (b.reason.as_str(), Some(b.message.as_str())),
+        None => ("PodInitializing", None),
+    };
     vec![
-        cond("PodScheduled", true, None),
-        cond("Initialized", has_sandbox, Some("PodInitializing")),
-        cond("ContainersReady", all_ready, Some("ContainersNotReady")),
-        cond("Ready", all_ready, Some("ContainersNotReady")),
+        cond("PodScheduled", true, None, None),
+        cond(
+            "Initialized",
+            has_sandbox && init.is_none(),
+            Some(init_reason),
+            init_message,
+        ),
+        cond(
+            "ContainersReady",
+            all_ready,
+            Some("ContainersNotReady"),
+            None,
+        ),
+        cond("Ready", all_ready, Some("ContainersNotReady"), None),
     ]
 }
 

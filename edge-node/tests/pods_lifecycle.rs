@@ -499,3 +499,81 @@ async fn pods_that_cannot_run_get_clear_reasons_and_the_others_run() {
     assert!(edge.engine().read_json(&bad_id).unwrap().is_some());
     let _ = PodSpecDoc::default();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_run_in_order_before_the_app_and_a_failed_one_fails_the_pod() {
+    let edge = Edge::start("init").await;
+    let shared = |name: &str, script: &str| Container {
+        name: name.into(),
+        image: image(),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        volume_mounts: vec![VolumeMount {
+            name: "work".into(),
+            mount_path: "/work".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut spec = pod("init", "");
+    spec.volumes = vec![Volume {
+        name: "work".into(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    }];
+    spec.init_containers = vec![
+        shared("first", "sleep 0.5; echo one > /work/log"),
+        shared("second", "test -f /work/log && echo two >> /work/log"),
+    ];
+    spec.containers = vec![shared("app", "cat /work/log; exec sleep 600")];
+    edge.put_pod(&spec);
+    let s = edge
+        .wait_status(&spec, Duration::from_secs(20), "initializing", |s| {
+            s.phase == "Pending"
+                && s.conditions
+                    .iter()
+                    .any(|c| c.kind == "Initialized" && c.status == "False")
+        })
+        .await;
+    assert_eq!(
+        s.container_statuses[0]
+            .state
+            .waiting
+            .as_ref()
+            .and_then(|w| w.reason.as_deref()),
+        Some("PodInitializing"),
+        "{s:#?}"
+    );
+    let s = edge
+        .wait_status(&spec, Duration::from_secs(20), "app runs", all_running)
+        .await;
+    let cri = edge.cri().await;
+    let (_, log) = exec(
+        &cri,
+        &s.container_statuses[0].container_id.clone().unwrap(),
+        &["cat", "/work/log"],
+    )
+    .await;
+    assert_eq!(log, "one\ntwo\n", "both init containers ran, in order");
+
+    let mut failing = pod("initfail", "exec sleep 600");
+    failing.restart_policy = RestartPolicy::Never;
+    failing.init_containers = vec![Container {
+        name: "check".into(),
+        image: image(),
+        command: vec!["sh".into(), "-c".into(), "exit 2".into()],
+        ..Default::default()
+    }];
+    edge.put_pod(&failing);
+    let s = edge
+        .wait_status(&failing, Duration::from_secs(20), "failed", |s| {
+            s.phase == "Failed"
+        })
+        .await;
+    let init = s
+        .conditions
+        .iter()
+        .find(|c| c.kind == "Initialized")
+        .unwrap();
+    assert_eq!(init.reason.as_deref(), Some("Init:Error"), "{s:#?}");
+    assert!(s.container_statuses[0].state.running.is_none());
+}
