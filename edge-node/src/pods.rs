@@ -656,6 +656,8 @@ async fn sync_pod(shared: &Arc<Shared>, spec: &PodSpecDoc, rt: Runtime) {
         write_status(shared, spec, None, "", &rt).await;
         return;
     }
+    // A failure of an earlier sync is either gone or recorded again below.
+    shared.state().pod_failures.remove(&uid);
     let ready_sandboxes: Vec<&cri::PodSandbox> = {
         let mut v: Vec<&cri::PodSandbox> = rt
             .sandboxes

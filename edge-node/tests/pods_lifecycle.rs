@@ -577,3 +577,22 @@ async fn init_containers_run_in_order_before_the_app_and_a_failed_one_fails_the_
     assert_eq!(init.reason.as_deref(), Some("Init:Error"), "{s:#?}");
     assert!(s.container_statuses[0].state.running.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_network_pods_run_in_the_node_network_namespace() {
+    let edge = Edge::start("hostnet").await;
+    let mut spec = pod("hostnet", "exec sleep 600");
+    spec.host_network = true;
+    edge.put_pod(&spec);
+    let s = edge
+        .wait_status(&spec, Duration::from_secs(20), "runs", all_running)
+        .await;
+    assert_eq!(s.pod_ip.as_deref(), Some("127.0.0.1"), "the node's IP");
+    let cri = edge.cri().await;
+    let id = s.container_statuses[0].container_id.clone().unwrap();
+    let (_, links) = exec(&cri, &id, &["cat", "/proc/net/dev"]).await;
+    assert!(
+        links.contains("outpost0"),
+        "sees the node's interfaces: {links}"
+    );
+}
