@@ -448,10 +448,10 @@ pub struct PodStatusDoc {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub container_statuses: Vec<ContainerStatus>,
     /// The pod's IP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "podIP", skip_serializing_if = "Option::is_none")]
     pub pod_ip: Option<String>,
     /// The node's IP.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "hostIP", skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<String>,
     /// When the edge accepted the pod (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -509,10 +509,14 @@ pub struct ContainerStatus {
     /// The image it runs.
     pub image: String,
     /// The image's id in the runtime.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "imageID", skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
     /// `containerd://<id>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "containerID",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub container_id: Option<String>,
     /// Passed its startup probe (or has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -620,10 +624,10 @@ pub struct NodeAddress {
 #[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
     /// `/etc/machine-id`.
-    #[serde(default)]
+    #[serde(default, rename = "machineID")]
     pub machine_id: String,
     /// Changes at every boot.
-    #[serde(default)]
+    #[serde(default, rename = "bootID")]
     pub boot_id: String,
     /// `uname -r`.
     #[serde(default)]

@@ -271,3 +271,32 @@ fn a_config_write_keeps_a_concurrent_desired_value_of_the_other_writer() {
         edge.read_json(&doc).unwrap()
     );
 }
+
+#[test]
+fn status_schemas_use_the_apis_json_names() {
+    // As the API serves them: `podIP`, `imageID`, `machineID`...
+    let status: PodStatusDoc = serde_json::from_value(json!({
+        "uid": "u", "phase": "Running", "podIP": "10.244.77.5", "hostIP": "127.0.0.1",
+        "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "state": {},
+            "image": "busybox", "imageID": "sha256:abc", "containerID": "containerd://1"}]
+    }))
+    .unwrap();
+    assert_eq!(status.pod_ip.as_deref(), Some("10.244.77.5"));
+    assert_eq!(
+        status.container_statuses[0].image_id.as_deref(),
+        Some("sha256:abc")
+    );
+    let info: NodeInfo =
+        serde_json::from_value(json!({"machineID": "m", "bootID": "b", "kubeletVersion": "v"}))
+            .unwrap();
+    assert_eq!(
+        (info.machine_id.as_str(), info.boot_id.as_str()),
+        ("m", "b")
+    );
+    let back = serde_json::to_value(&status).unwrap();
+    assert_eq!(back["podIP"], "10.244.77.5");
+    assert_eq!(
+        back["containerStatuses"][0]["containerID"],
+        "containerd://1"
+    );
+}
