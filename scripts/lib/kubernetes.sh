@@ -129,6 +129,7 @@ k8s_up() {
       --service-account-private-key-file "$K8S_PKI/sa.key" --root-ca-file "$K8S_PKI/ca.crt" \
       --use-service-account-credentials --leader-elect=false \
       --cluster-signing-cert-file "$K8S_PKI/ca.crt" --cluster-signing-key-file "$K8S_PKI/ca.key" \
+      --node-monitor-grace-period=10s --node-monitor-period=2s \
       --profiling=false
   fi
   if ! is_running kube-scheduler; then
