@@ -191,6 +191,17 @@ impl Engine {
         Ok(at)
     }
 
+    /// Deletes a document (see [`Replica::delete`]) and pushes the
+    /// tombstone; `false` when there was nothing to delete.
+    pub fn delete(&self, doc: &DocId) -> Result<bool, ReplicaError> {
+        let mut inner = self.lock();
+        let deleted = inner.replica.delete(doc, now_ms())?;
+        if deleted {
+            mark_dirty(&mut inner, self.me, doc, None);
+        }
+        Ok(deleted)
+    }
+
     /// Reads a document as JSON.
     pub fn read_json(&self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
         self.lock().replica.read_json(doc)

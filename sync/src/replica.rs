@@ -422,12 +422,59 @@ impl Replica {
         let Some(loaded) = self.load(doc)? else {
             return Ok(None);
         };
+        if is_tombstone(&loaded.doc) {
+            return Ok(None);
+        }
         serde_json::to_value(AutoSerde::from(&loaded.doc))
             .map(Some)
             .map_err(|e| ReplicaError::Serde {
                 doc: id,
                 reason: e.to_string(),
             })
+    }
+
+    /// Whether the replica holds `doc` as deleted (a tombstone).
+    pub fn is_deleted(&mut self, doc: &DocId) -> Result<bool, ReplicaError> {
+        Ok(self.load(doc)?.is_some_and(|l| is_tombstone(&l.doc)))
+    }
+
+    /// Deletes a document: replaces it with a tombstone in a new generation,
+    /// which supersedes the old one everywhere it syncs (changes made
+    /// concurrently to the old generation are then ignored). Reads return
+    /// `None` afterwards; a later write brings the document back. Only a
+    /// writer of the document may delete it: peers reject a tombstone by
+    /// anyone else, as any other change. Returns `false` when there was
+    /// nothing to delete.
+    pub fn delete(&mut self, doc: &DocId, now_ms: u64) -> Result<bool, ReplicaError> {
+        let Some(loaded) = self.load(doc)? else {
+            return Ok(false);
+        };
+        if is_tombstone(&loaded.doc) {
+            return Ok(false);
+        }
+        let mut entry = loaded.entry.clone();
+        let mut tomb = AutoCommit::new();
+        tomb.set_actor(self.actor.clone());
+        tomb.put(automerge::ROOT, TOMBSTONE_KEY, true)
+            .map_err(|e| ReplicaError::Automerge {
+                doc: doc.clone(),
+                reason: e.to_string(),
+            })?;
+        tomb.commit_with(CommitOptions::default().with_time(now_ms as i64));
+        entry.generation += 1;
+        entry.changes = 1;
+        entry.heads = sorted_heads(&tomb.get_heads());
+        let saved = tomb.save();
+        let mut batch = Batch::default();
+        self.store
+            .stage_replace(&mut batch, doc, &mut entry, &saved);
+        if let Err(e) = self.store.commit(batch) {
+            self.discard(std::slice::from_ref(doc));
+            return Err(e.into());
+        }
+        self.cache.put(doc.clone(), Loaded { doc: tomb, entry });
+        let _ = self.events.send(doc.clone());
+        Ok(true)
     }
 
     /// Reads a document into a typed value.
@@ -847,6 +894,16 @@ impl Replica {
             None => false,
         })
     }
+}
+
+/// The root key marking a deleted document.
+const TOMBSTONE_KEY: &str = "$deleted";
+
+fn is_tombstone(doc: &AutoCommit) -> bool {
+    matches!(
+        doc.get(automerge::ROOT, TOMBSTONE_KEY),
+        Ok(Some((automerge::Value::Scalar(v), _))) if matches!(v.as_ref(), automerge::ScalarValue::Boolean(true))
+    )
 }
 
 fn check_kind<T: Schema>(doc: &DocId) -> Result<(), ReplicaError> {

@@ -444,6 +444,9 @@ pub struct PodStatusDoc {
     /// `PodScheduled`, `Initialized`, `ContainersReady`, `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// One per init container of the spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_container_statuses: Vec<ContainerStatus>,
     /// One per container of the spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub container_statuses: Vec<ContainerStatus>,

@@ -118,3 +118,69 @@ async fn an_unknown_peer_is_refused_over_memory_too() {
     let _ = to_cloud;
     assert!(cloud.with_replica(|r| r.scan().count()) == 0);
 }
+
+#[tokio::test]
+async fn a_deleted_document_disappears_at_the_peer_and_can_come_back() {
+    use outpost_sync::replica::Scope;
+    let roster = roster();
+    let cloud = engine("del-cloud", CLOUD, &roster);
+    let edge = engine("del-edge", EDGE, &roster);
+    let _link = connect(&edge, &cloud, DEFAULT_LINK_BUFFER);
+    let pod: DocId = "pod-spec/edge-1/default/web/u-1".parse().unwrap();
+    let mut events = edge.with_replica(|r| r.subscribe_scope(Scope::all().node("edge-1")));
+    cloud.write_json(&pod, &json!({"name": "web"})).unwrap();
+    until("the pod at the edge", || {
+        edge.read_json(&pod).unwrap().is_some()
+    })
+    .await;
+    assert!(cloud.delete(&pod).unwrap());
+    assert!(
+        !cloud.delete(&pod).unwrap(),
+        "deleting twice deletes nothing"
+    );
+    until("the deletion at the edge", || {
+        edge.read_json(&pod).unwrap().is_none()
+    })
+    .await;
+    assert!(edge.with_replica(|r| r.is_deleted(&pod)).unwrap());
+    let mut seen = Vec::new();
+    while let Ok(Some(doc)) = events.try_recv() {
+        seen.push(doc);
+    }
+    assert_eq!(
+        seen,
+        vec![pod.clone(), pod.clone()],
+        "created, then deleted"
+    );
+
+    // The edge deletes what it writes.
+    let status: DocId = "pod-status/edge-1/default/web/u-1".parse().unwrap();
+    edge.write_json(&status, &json!({"phase": "Running"}))
+        .unwrap();
+    until("the status at the cloud", || {
+        cloud.read_json(&status).unwrap().is_some()
+    })
+    .await;
+    assert!(edge.delete(&status).unwrap());
+    until("the status deletion at the cloud", || {
+        cloud.read_json(&status).unwrap().is_none()
+    })
+    .await;
+
+    // Written again, it comes back everywhere.
+    cloud
+        .write_json(&pod, &json!({"name": "web", "again": true}))
+        .unwrap();
+    until("the pod back at the edge", || {
+        edge.read_json(&pod).unwrap() == Some(json!({"name": "web", "again": true}))
+    })
+    .await;
+
+    // But not what only the cloud writes: its tombstone is rejected there.
+    assert!(edge.delete(&pod).unwrap());
+    until("the rejection at the cloud", || {
+        cloud.metrics().rejected_changes.get() > 0
+    })
+    .await;
+    assert!(cloud.read_json(&pod).unwrap().is_some());
+}

@@ -201,3 +201,37 @@ fn a_scoped_subscription_sees_only_its_documents() {
     }
     assert_eq!(all, vec![other_node, other_kind, mine]);
 }
+
+#[test]
+fn a_deletion_is_persisted_and_a_stale_change_does_not_revive_it() {
+    let d = dir("delete");
+    let doc: DocId = "pod-spec/edge-1/default/web/u-1".parse().unwrap();
+    let mut other = Replica::open(
+        dir("delete-other"),
+        PeerId([8; 32]),
+        ReplicaOptions::default(),
+    )
+    .unwrap();
+    {
+        let mut r = Replica::open(&d, PeerId([7; 32]), ReplicaOptions::default()).unwrap();
+        r.write_json(&doc, &json!({"name": "web"}), 1).unwrap();
+        // The other replica has generation 0 and changes it concurrently.
+        let (g, ch) = r.changes_for(&doc, 0, &[], &[]).unwrap();
+        other.apply(&doc, g, &ch).unwrap();
+        other
+            .write_json(&doc, &json!({"name": "web", "late": true}), 2)
+            .unwrap();
+        assert!(r.delete(&doc, 3).unwrap());
+        // The concurrent change of the old generation is stale here.
+        let (g, ch) = other.changes_for(&doc, 0, &[], &[]).unwrap();
+        assert!(r.apply(&doc, g, &ch).unwrap().stale);
+    }
+    let mut r = Replica::open(&d, PeerId([7; 32]), ReplicaOptions::default()).unwrap();
+    assert_eq!(r.read_json(&doc).unwrap(), None, "deleted across a restart");
+    assert!(r.is_deleted(&doc).unwrap());
+    // The tombstone supersedes the other replica's generation there too.
+    let e = other.entry(&doc).unwrap().unwrap();
+    let (g, ch) = r.changes_for(&doc, e.generation, &e.heads, &[]).unwrap();
+    other.apply(&doc, g, &ch).unwrap();
+    assert_eq!(other.read_json(&doc).unwrap(), None);
+}
