@@ -1655,6 +1655,8 @@ async fn write_status_with(
             None => phase(spec.restart_policy, &statuses, sandbox_id.is_some()),
         },
         conditions: conditions(prev.as_ref(), &statuses, sandbox_id.is_some(), init),
+        // Init progress is reported through the Initialized condition.
+        init_container_statuses: Vec::new(),
         container_statuses: statuses,
         pod_ip: (!pod_ip.is_empty()).then(|| pod_ip.to_owned()).or_else(|| {
             if spec.host_network {
