@@ -15,6 +15,8 @@ use std::time::Duration;
 use outpost_sync::PeerId;
 use outpost_sync::access::{Role, Roster};
 use outpost_sync::document::DocId;
+use outpost_sync::engine::Engine;
+use outpost_sync::metrics::SyncMetrics;
 use outpost_sync::protocol::{Session, encode};
 use outpost_sync::replica::{Replica, ReplicaOptions};
 use outpost_sync::transport::memory;
@@ -178,8 +180,6 @@ fn reconcile() {
 }
 
 fn live() {
-    use outpost_sync::engine::Engine;
-    use outpost_sync::metrics::SyncMetrics;
     use outpost_sync::transport::iroh::{PeerAddr, SYNC_ALPN, bind};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -257,16 +257,7 @@ fn live() {
             r
         };
         let (da, db_) = (tmp("live-a"), tmp("live-b"));
-        let a = Engine::new(
-            Replica::open(&da, PeerId::from(k1.public()), ReplicaOptions::default()).unwrap(),
-            roster.clone(),
-            SyncMetrics::default(),
-        );
-        let b = Engine::new(
-            Replica::open(&db_, PeerId::from(k2.public()), ReplicaOptions::default()).unwrap(),
-            roster.clone(),
-            SyncMetrics::default(),
-        );
+        let (a, b) = engine_pair(&da, &db_, &k1, &k2, &roster);
         let ea = bind(k1.clone(), loopback).await.unwrap();
         let eb = bind(k2.clone(), loopback).await.unwrap();
         let a_addr = PeerAddr {
@@ -316,16 +307,7 @@ fn live() {
         // The same engines over the in-memory transport: what the engine
         // itself costs, without QUIC.
         let (da, db_) = (tmp("live-mem-a"), tmp("live-mem-b"));
-        let a = Engine::new(
-            Replica::open(&da, PeerId::from(k1.public()), ReplicaOptions::default()).unwrap(),
-            roster.clone(),
-            SyncMetrics::default(),
-        );
-        let b = Engine::new(
-            Replica::open(&db_, PeerId::from(k2.public()), ReplicaOptions::default()).unwrap(),
-            roster.clone(),
-            SyncMetrics::default(),
-        );
+        let (a, b) = engine_pair(&da, &db_, &k1, &k2, &roster);
         let _link = memory::connect(&b, &a, memory::DEFAULT_LINK_BUFFER);
         while a.connected().is_empty() || b.connected().is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -348,6 +330,24 @@ fn live() {
         let _ = std::fs::remove_dir_all(da);
         let _ = std::fs::remove_dir_all(db_);
     });
+}
+
+/// Two engines on fresh replicas, keyed by `k1` and `k2`.
+fn engine_pair(
+    da: &Path,
+    db: &Path,
+    k1: &iroh::SecretKey,
+    k2: &iroh::SecretKey,
+    roster: &Roster,
+) -> (Engine, Engine) {
+    let engine = |dir: &Path, key: &iroh::SecretKey| {
+        Engine::new(
+            Replica::open(dir, PeerId::from(key.public()), ReplicaOptions::default()).unwrap(),
+            roster.clone(),
+            SyncMetrics::default(),
+        )
+    };
+    (engine(da, k1), engine(db, k2))
 }
 
 /// Commits `samples` pod-spec writes at `a` and waits for each to be
