@@ -60,6 +60,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+thread_local! {
+    /// Seconds spent writing, producing messages and handling them.
+    static PHASES: std::cell::RefCell<[f64; 3]> = const { std::cell::RefCell::new([0.0; 3]) };
+}
+
+fn phase(i: usize, since: Instant) {
+    PHASES.with(|p| p.borrow_mut()[i] += since.elapsed().as_secs_f64());
+}
+
 /// Runs sessions between two replicas in-process until neither has anything
 /// to send. Returns (flights, bytes): a flight is one side's batch of
 /// messages; two flights make a round trip.
@@ -80,18 +89,22 @@ fn settle(
             (&mut *b, &mut *sb, &mut *a, &mut *sa)
         };
         let mut msgs = Vec::new();
+        let t = Instant::now();
         while let Some(m) = ss.poll_transmit(src, roster).unwrap() {
             bytes += encode(&m).len() + 4;
             msgs.push(m);
         }
+        phase(1, t);
         if msgs.is_empty() {
             idle += 1;
         } else {
             idle = 0;
             flights += 1;
+            let t = Instant::now();
             for m in msgs {
                 ds.handle(m, dst, roster).unwrap();
             }
+            phase(2, t);
         }
         from_a = !from_a;
     }
@@ -452,6 +465,7 @@ fn twin_updates(twins: usize, total: usize, props: usize) -> (f64, f64) {
     let mut sb = Session::new(EDGE, &roster).unwrap();
     sa.start(&a, &roster, true).unwrap();
     sb.start(&b, &roster, false).unwrap();
+    PHASES.with(|p| *p.borrow_mut() = [0.0; 3]);
     let t = Instant::now();
     for round in 0..total / twins {
         let values: Vec<serde_json::Value> = (0..twins)
@@ -467,14 +481,23 @@ fn twin_updates(twins: usize, total: usize, props: usize) -> (f64, f64) {
                 json!({"state": "online", "twins": twins})
             })
             .collect();
+        let w = Instant::now();
         a.write_many(docs.iter().zip(values.iter()), 1_000 + round as u64)
             .unwrap();
+        phase(0, w);
         for d in &docs {
             sa.local_change(&EDGE, &roster, d);
         }
         settle(&mut a, &mut sa, &mut b, &mut sb, &roster);
     }
     let secs = t.elapsed().as_secs_f64();
+    let [w, p, h] = PHASES.with(|p| *p.borrow());
+    println!(
+        "  time: writing {:.0} %, producing messages {:.0} %, handling them (applying, acks) {:.0} %",
+        100.0 * w / secs,
+        100.0 * p / secs,
+        100.0 * h / secs
+    );
     assert_eq!(
         a.read_json(&docs[7]).unwrap(),
         b.read_json(&docs[7]).unwrap()

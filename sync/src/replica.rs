@@ -425,6 +425,11 @@ impl Replica {
         if is_tombstone(&loaded.doc) {
             return Ok(None);
         }
+        if doc.kind().rolls_over() {
+            return read_flat(&loaded.doc)
+                .map(Some)
+                .map_err(|reason| ReplicaError::Serde { doc: id, reason });
+        }
         serde_json::to_value(AutoSerde::from(&loaded.doc))
             .map(Some)
             .map_err(|e| ReplicaError::Serde {
@@ -608,7 +613,20 @@ impl Replica {
                 found: json_kind(value),
             });
         };
-        let root = hydrate::Value::Map(json_map(map));
+        let flat = doc.kind().rolls_over();
+        let root = hydrate::Value::Map(if flat {
+            hydrate::Map::default()
+        } else {
+            json_map(map)
+        });
+        let set = |am: &mut AutoCommit| -> Result<(), String> {
+            if flat {
+                write_flat(am, map).map_err(|e| e.to_string())
+            } else {
+                am.update_object(automerge::ROOT, &root)
+                    .map_err(|e| e.to_string())
+            }
+        };
         let actor = self.actor.clone();
         let rollover_after = self.options.rollover_after_changes;
         if self.load(doc)?.is_none() {
@@ -629,10 +647,7 @@ impl Replica {
             doc: doc.clone(),
             reason: e.to_string(),
         };
-        loaded
-            .doc
-            .update_object(automerge::ROOT, &root)
-            .map_err(|e| am_err(&e))?;
+        set(&mut loaded.doc).map_err(|e| am_err(&e))?;
         let Some(hash) = loaded
             .doc
             .commit_with(CommitOptions::default().with_time(now_ms as i64))
@@ -646,9 +661,7 @@ impl Replica {
             // A new generation holding only the current values.
             let mut fresh = AutoCommit::new();
             fresh.set_actor(self.actor.clone());
-            fresh
-                .update_object(automerge::ROOT, &root)
-                .map_err(|e| am_err(&e))?;
+            set(&mut fresh).map_err(|e| am_err(&e))?;
             let Some(hash) = fresh.commit_with(CommitOptions::default().with_time(now_ms as i64))
             else {
                 return Ok(None);
@@ -710,26 +723,32 @@ impl Replica {
         } else {
             // Their heads we know are exact; those we do not know mean they
             // have changes we lack, so fall back to what they acknowledged.
-            let mut known: Vec<ChangeHash> = Vec::new();
-            let mut all_known = true;
-            for h in their_heads {
-                let hash = ChangeHash(*h);
-                if loaded.doc.get_change_by_hash(&hash).is_some() {
-                    known.push(hash);
-                } else {
-                    all_known = false;
-                }
-            }
-            if !all_known {
-                for h in acked_heads {
-                    let hash = ChangeHash(*h);
-                    if loaded.doc.get_change_by_hash(&hash).is_some() && !known.contains(&hash) {
+            let theirs: Vec<ChangeHash> = their_heads.iter().map(|h| ChangeHash(*h)).collect();
+            let held = contains(&mut loaded.doc, &theirs);
+            let mut known: Vec<ChangeHash> = theirs
+                .iter()
+                .zip(&held)
+                .filter(|(_, held)| **held)
+                .map(|(h, _)| *h)
+                .collect();
+            if known.len() < theirs.len() {
+                let acked: Vec<ChangeHash> = acked_heads.iter().map(|h| ChangeHash(*h)).collect();
+                let held = contains(&mut loaded.doc, &acked);
+                for (hash, held) in acked.into_iter().zip(held) {
+                    if held && !known.contains(&hash) {
                         known.push(hash);
                     }
                 }
             }
             known
         };
+        if sorted_heads(&have) == loaded.entry.heads {
+            // The peer has everything.
+            return Ok(Outgoing {
+                generation,
+                ..Default::default()
+            });
+        }
         let changes = loaded.doc.get_changes(&have);
         Ok(Outgoing {
             generation,
@@ -852,9 +871,13 @@ impl Replica {
         let Some(loaded) = self.cache.get_mut(doc) else {
             return Ok(Applied::default());
         };
+        let hashes: Vec<ChangeHash> = decoded.iter().map(Change::hash).collect();
+        let held = contains(&mut loaded.doc, &hashes);
         let fresh: Vec<Change> = decoded
             .into_iter()
-            .filter(|c| loaded.doc.get_change_by_hash(&c.hash()).is_none())
+            .zip(held)
+            .filter(|(_, held)| !held)
+            .map(|(c, _)| c)
             .collect();
         if fresh.is_empty() {
             let missing_deps = !loaded.doc.get_missing_deps(&[]).is_empty();
@@ -890,10 +913,112 @@ impl Replica {
     /// Whether the replica holds a change of a document (in its current generation).
     pub fn has_change(&mut self, doc: &DocId, hash: &ChangeHash) -> Result<bool, ReplicaError> {
         Ok(match self.load(doc)? {
-            Some(loaded) => loaded.doc.get_change_by_hash(hash).is_some(),
+            Some(loaded) => contains(&mut loaded.doc, std::slice::from_ref(hash))
+                .first()
+                .copied()
+                .unwrap_or(false),
             None => false,
         })
     }
+}
+
+/// Fast-changing single-writer documents (the kinds that roll over) are
+/// stored flat: each root value is one automerge scalar, a nested object or
+/// list encoded as JSON bytes. With one writer nothing merges inside a
+/// value, so its structure would only cost operations: a report of eight
+/// reported values is one operation per changed value, not three per value.
+fn write_flat(
+    am: &mut AutoCommit,
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), automerge::AutomergeError> {
+    use automerge::ScalarValue;
+    for (key, value) in map {
+        let new = match value {
+            serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
+                // Serializing a JSON value cannot fail.
+                ScalarValue::Bytes(serde_json::to_vec(value).unwrap_or_default())
+            }
+            scalar => match json_value(scalar) {
+                hydrate::Value::Scalar(s) => s,
+                _ => ScalarValue::Null,
+            },
+        };
+        let same = matches!(
+            am.get(automerge::ROOT, key.as_str())?,
+            Some((automerge::Value::Scalar(cur), _)) if *cur == new
+        );
+        if !same {
+            am.put(automerge::ROOT, key.as_str(), new)?;
+        }
+    }
+    let stale: Vec<String> = am
+        .keys(automerge::ROOT)
+        .filter(|k| !map.contains_key(k))
+        .collect();
+    for key in stale {
+        am.delete(automerge::ROOT, key.as_str())?;
+    }
+    Ok(())
+}
+
+/// Reads a document written by [`write_flat`] back as JSON.
+fn read_flat(am: &AutoCommit) -> Result<serde_json::Value, String> {
+    use automerge::ScalarValue;
+    let mut out = serde_json::Map::new();
+    for key in am.keys(automerge::ROOT) {
+        let Ok(Some((value, _))) = am.get(automerge::ROOT, key.as_str()) else {
+            continue;
+        };
+        let json = match value {
+            automerge::Value::Scalar(s) => match s.as_ref() {
+                ScalarValue::Bytes(b) => serde_json::from_slice(b)
+                    .map_err(|e| format!("value {key:?} is not JSON: {e}"))?,
+                other => scalar_json(other),
+            },
+            // Written by an older form of the document: read it whole.
+            automerge::Value::Object(_) => serde_json::to_value(AutoSerde::from(am))
+                .ok()
+                .and_then(|v| v.get(&key).cloned())
+                .unwrap_or(serde_json::Value::Null),
+        };
+        out.insert(key, json);
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn scalar_json(s: &automerge::ScalarValue) -> serde_json::Value {
+    use automerge::ScalarValue;
+    match s {
+        ScalarValue::Str(s) => serde_json::Value::String(s.to_string()),
+        ScalarValue::Int(i) => (*i).into(),
+        ScalarValue::Uint(u) => (*u).into(),
+        ScalarValue::F64(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        ScalarValue::Boolean(b) => (*b).into(),
+        ScalarValue::Timestamp(t) => (*t).into(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Which of `hashes` the document holds (applied, not merely queued).
+/// Asking automerge for a change by hash rebuilds the change from the
+/// document's columns; the change graph answers membership far cheaper.
+fn contains(doc: &mut AutoCommit, hashes: &[ChangeHash]) -> Vec<bool> {
+    if hashes.is_empty() {
+        return Vec::new();
+    }
+    if !doc.get_missing_deps(&[]).is_empty() {
+        // Changes wait in the queue: a queued change is not held, and the
+        // graph walk below would not say so. Ask the slow, exact way.
+        return hashes
+            .iter()
+            .map(|h| doc.get_change_by_hash(h).is_some())
+            .collect();
+    }
+    let missing: std::collections::HashSet<ChangeHash> =
+        doc.get_missing_deps(hashes).into_iter().collect();
+    hashes.iter().map(|h| !missing.contains(h)).collect()
 }
 
 /// The root key marking a deleted document.
