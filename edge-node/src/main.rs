@@ -28,6 +28,24 @@ enum Command {
     /// Print the effective configuration (file, environment and flags
     /// merged) as TOML, and exit.
     Config(RunArgs),
+    /// Present a join token to the cloud bridge once, so that it admits
+    /// this node's key (kept in the data dir, created if missing). Then
+    /// start the agent with `run --cloud <the same address>`.
+    Join(JoinArgs),
+}
+
+/// Arguments of `outpost-edge join`.
+#[derive(Debug, clap::Args)]
+struct JoinArgs {
+    /// The join token `outpost-cloud token create` printed.
+    #[arg(long, env = "OUTPOST_JOIN_TOKEN")]
+    token: String,
+    /// The cloud bridge, as `<endpoint id>@<ip:port>` (its `peer-addr` file).
+    #[arg(long)]
+    cloud: String,
+    /// Where the node's key and replica live.
+    #[arg(long, env = "OUTPOST_DATA_DIR", default_value = "/var/lib/outpost")]
+    data_dir: std::path::PathBuf,
 }
 
 #[tokio::main]
@@ -42,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
+        Command::Join(args) => join(args).await,
         Command::Config(args) => {
             let config = Config::resolve(&args)?;
             print!("{}", toml::to_string(&config)?);
@@ -57,4 +76,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!("shutting down; containers keep running");
     agent.shutdown().await;
     Ok(())
+}
+
+async fn join(args: JoinArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use outpost_sync::transport::join::{JoinReply, request};
+    let cloud: outpost_sync::transport::iroh::PeerAddr = args
+        .cloud
+        .parse()
+        .with_context(|| format!("--cloud {:?} is not <endpoint id>@<ip:port>", args.cloud))?;
+    let key = outpost_sync::identity::load_or_create(&args.data_dir)
+        .with_context(|| format!("the node's key in {}", args.data_dir.display()))?;
+    // Any local port, on loopback when the bridge is there.
+    let local: std::net::SocketAddr = if cloud.addr.ip().is_loopback() {
+        ([127, 0, 0, 1], 0).into()
+    } else {
+        ([0, 0, 0, 0], 0).into()
+    };
+    let endpoint = outpost_sync::transport::iroh::bind(key, local).await?;
+    info!(id = %endpoint.id(), cloud = %cloud, "presenting the join token");
+    let reply = request(&endpoint, &cloud, &args.token).await;
+    endpoint.close().await;
+    match reply? {
+        JoinReply::Admitted { node, site } => {
+            println!(
+                "admitted as node {node}{}; now run: outpost-edge run --data-dir {} --node-name {node} --cloud {}",
+                site.map(|s| format!(" of site {s}")).unwrap_or_default(),
+                args.data_dir.display(),
+                args.cloud
+            );
+            Ok(())
+        }
+        JoinReply::Refused { reason, message } => {
+            anyhow::bail!("the cloud refused this node ({reason}): {message}")
+        }
+    }
 }

@@ -58,6 +58,29 @@ fn help_describes_the_binary() {
 }
 
 #[test]
+fn join_explains_itself_and_refuses_a_bad_cloud_address() {
+    let out = edge().args(["join", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--token", "--cloud", "--data-dir"] {
+        assert!(text.contains(flag), "{flag} in {text}");
+    }
+    let dir = std::env::temp_dir().join(unique_name("edge-join"));
+    let out = edge()
+        .args(["join", "--token", "abcd1234.x", "--cloud", "not-an-address"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--cloud") && err.contains("not-an-address"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn file_then_environment_then_flags() {
     let dir = std::env::temp_dir().join(unique_name("edge-config"));
     std::fs::create_dir_all(&dir).unwrap();
