@@ -629,7 +629,8 @@ impl Replica {
         };
         let actor = self.actor.clone();
         let rollover_after = self.options.rollover_after_changes;
-        if self.load(doc)?.is_none() {
+        let created = self.load(doc)?.is_none();
+        if created {
             let mut am = AutoCommit::new();
             am.set_actor(actor);
             self.cache.put(
@@ -652,6 +653,11 @@ impl Replica {
             .doc
             .commit_with(CommitOptions::default().with_time(now_ms as i64))
         else {
+            if created {
+                // An empty object makes no document: none was stored, so
+                // none stays loaded either.
+                self.cache.pop(doc);
+            }
             return Ok(None);
         };
         let mut entry = loaded.entry.clone();
