@@ -142,6 +142,17 @@ fn batch_heads(changes: &[Change]) -> Vec<[u8; 32]> {
 struct Loaded {
     doc: AutoCommit,
     entry: IndexEntry,
+    /// The last change this replica wrote, while it is the document's only
+    /// head: a peer holding its dependencies lacks exactly it, and serving
+    /// it from here spares automerge rebuilding it from the op columns.
+    last_local: Option<LastLocal>,
+}
+
+struct LastLocal {
+    hash: [u8; 32],
+    deps: Vec<[u8; 32]>,
+    bytes: Vec<u8>,
+    time_ms: i64,
 }
 
 const META_INCARNATION: &[u8] = b"incarnation";
@@ -390,7 +401,14 @@ impl Replica {
                 return Ok(None);
             };
             am.set_actor(self.actor.clone());
-            self.cache.put(doc.clone(), Loaded { doc: am, entry });
+            self.cache.put(
+                doc.clone(),
+                Loaded {
+                    doc: am,
+                    entry,
+                    last_local: None,
+                },
+            );
         }
         Ok(self.cache.get_mut(doc))
     }
@@ -477,7 +495,14 @@ impl Replica {
             self.discard(std::slice::from_ref(doc));
             return Err(e.into());
         }
-        self.cache.put(doc.clone(), Loaded { doc: tomb, entry });
+        self.cache.put(
+            doc.clone(),
+            Loaded {
+                doc: tomb,
+                entry,
+                last_local: None,
+            },
+        );
         let _ = self.events.send(doc.clone());
         Ok(true)
     }
@@ -638,6 +663,7 @@ impl Replica {
                 Loaded {
                     doc: am,
                     entry: IndexEntry::default(),
+                    last_local: None,
                 },
             );
         }
@@ -677,13 +703,26 @@ impl Replica {
             entry.heads = sorted_heads(&fresh.get_heads());
             let saved = fresh.save();
             self.store.stage_replace(batch, doc, &mut entry, &saved);
-            self.cache.put(doc.clone(), Loaded { doc: fresh, entry });
+            self.cache.put(
+                doc.clone(),
+                Loaded {
+                    doc: fresh,
+                    entry,
+                    last_local: None,
+                },
+            );
             return Ok(Some(hash));
         }
         let Some(change) = loaded.doc.get_change_by_hash(&hash) else {
             return Err(am_err(&"committed change not found"));
         };
         let bytes = change.raw_bytes().to_vec();
+        loaded.last_local = Some(LastLocal {
+            hash: hash.0,
+            deps: sorted_heads(change.deps()),
+            bytes: bytes.clone(),
+            time_ms: change.timestamp(),
+        });
         let doc_ref = &mut loaded.doc;
         self.store
             .stage_append(batch, doc, &mut entry, &[bytes], || doc_ref.save());
@@ -748,13 +787,26 @@ impl Replica {
             }
             known
         };
-        if sorted_heads(&have) == loaded.entry.heads {
+        let have = sorted_heads(&have);
+        if have == loaded.entry.heads {
             // The peer has everything.
             return Ok(Outgoing {
                 generation,
                 ..Default::default()
             });
         }
+        if let Some(last) = &loaded.last_local
+            && loaded.entry.heads == [last.hash]
+            && have == last.deps
+        {
+            // The live case: the peer lacks just the change written last.
+            return Ok(Outgoing {
+                generation,
+                changes: vec![last.bytes.clone()],
+                oldest_commit_ms: Some(last.time_ms),
+            });
+        }
+        let have: Vec<ChangeHash> = have.into_iter().map(ChangeHash).collect();
         let changes = loaded.doc.get_changes(&have);
         Ok(Outgoing {
             generation,
@@ -862,6 +914,7 @@ impl Replica {
                     Loaded {
                         doc: am,
                         entry: entry.clone(),
+                        last_local: None,
                     },
                 );
                 return Ok(Applied {
@@ -897,6 +950,7 @@ impl Replica {
         let bytes: Vec<Vec<u8>> = fresh.iter().map(|c| c.raw_bytes().to_vec()).collect();
         let times: Vec<i64> = fresh.iter().map(Change::timestamp).collect();
         let n = fresh.len();
+        loaded.last_local = None;
         loaded.doc.apply_changes_batch(fresh).map_err(am_err)?;
         let mut entry = loaded.entry.clone();
         entry.heads = sorted_heads(&loaded.doc.get_heads());
