@@ -36,6 +36,10 @@ pub enum Role {
 #[derive(Debug, Clone, Default)]
 pub struct Roster {
     peers: HashMap<PeerId, Role>,
+    /// Who reads what, kept with `peers`: the clouds, and the edges by the
+    /// owner they read (`<node>` or `site:<site>`).
+    clouds: Vec<PeerId>,
+    by_owner: HashMap<String, Vec<PeerId>>,
 }
 
 impl Roster {
@@ -46,12 +50,45 @@ impl Roster {
 
     /// Adds or replaces a peer.
     pub fn insert(&mut self, peer: PeerId, role: Role) {
+        self.remove(&peer);
+        match &role {
+            Role::Cloud => self.clouds.push(peer),
+            Role::Edge { node, site } => {
+                self.by_owner.entry(node.clone()).or_default().push(peer);
+                if let Some(site) = site {
+                    self.by_owner
+                        .entry(format!("site:{site}"))
+                        .or_default()
+                        .push(peer);
+                }
+            }
+        }
         self.peers.insert(peer, role);
     }
 
     /// Removes a peer; it is unknown from then on.
     pub fn remove(&mut self, peer: &PeerId) {
-        self.peers.remove(peer);
+        if self.peers.remove(peer).is_some() {
+            self.clouds.retain(|p| p != peer);
+            self.by_owner.retain(|_, peers| {
+                peers.retain(|p| p != peer);
+                !peers.is_empty()
+            });
+        }
+    }
+
+    /// Every peer that may read `doc`: the clouds and the edges that own
+    /// it. Finding them costs the same however many peers there are.
+    pub fn readers(&self, doc: &DocId) -> Vec<PeerId> {
+        let owner = match doc.owner() {
+            Owner::Node(node) => node.to_owned(),
+            Owner::Site(site) => format!("site:{site}"),
+        };
+        let mut readers = self.clouds.clone();
+        if let Some(edges) = self.by_owner.get(&owner) {
+            readers.extend(edges.iter().copied());
+        }
+        readers
     }
 
     /// The role of a peer, `None` for an unknown one.
@@ -153,5 +190,61 @@ mod tests {
             !roster.may_read(&PeerId([9; 32]), &spec),
             "unknown peers read nothing"
         );
+    }
+
+    #[test]
+    fn readers_are_exactly_the_peers_that_may_read() {
+        let mut roster = Roster::new();
+        let peers: Vec<PeerId> = (0..6).map(|i| PeerId([i; 32])).collect();
+        roster.insert(peers[0], Role::Cloud);
+        roster.insert(peers[1], Role::Cloud);
+        for (i, (node, site)) in [
+            ("edge-1", Some("north")),
+            ("edge-10", Some("north")),
+            ("edge-2", None),
+            ("edge-3", Some("south")),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            roster.insert(
+                peers[i + 2],
+                Role::Edge {
+                    node: node.into(),
+                    site: site.map(Into::into),
+                },
+            );
+        }
+        // A peer that changes role is indexed by its new role only.
+        roster.insert(
+            peers[5],
+            Role::Edge {
+                node: "edge-4".into(),
+                site: Some("north".into()),
+            },
+        );
+        roster.remove(&peers[1]);
+        let docs = [
+            "pod-spec/edge-1/default/a/u",
+            "node-status/edge-1",
+            "node-status/edge-10",
+            "configmap/site:north/default/c",
+            "configmap/site:south/default/c",
+            "device-desired/edge-2/default/d",
+            "device-desired/edge-3/default/d",
+            "pod-spec/edge-9/default/a/u",
+        ];
+        for doc in docs {
+            let doc: DocId = doc.parse().unwrap();
+            let mut readers = roster.readers(&doc);
+            readers.sort();
+            let mut expected: Vec<PeerId> = peers
+                .iter()
+                .copied()
+                .filter(|p| roster.may_read(p, &doc))
+                .collect();
+            expected.sort();
+            assert_eq!(readers, expected, "{doc}");
+        }
     }
 }

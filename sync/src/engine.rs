@@ -480,8 +480,13 @@ impl Drop for SessionSlot<'_> {
 /// Marks a document dirty in every session (but the one it came from) and
 /// wakes their writers.
 fn mark_dirty(inner: &mut Inner, me: PeerId, doc: &DocId, except: Option<PeerId>) {
-    for (peer, slot) in inner.peers.iter_mut() {
-        if Some(*peer) != except {
+    // Only the sessions of peers that may read the document: a cloud with
+    // a thousand edges does not visit a thousand sessions per change.
+    for peer in inner.roster.readers(doc) {
+        if Some(peer) == except {
+            continue;
+        }
+        if let Some(slot) = inner.peers.get_mut(&peer) {
             slot.session.local_change(&me, &inner.roster, doc);
             slot.wake.notify_one();
         }
