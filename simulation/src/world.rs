@@ -640,6 +640,30 @@ impl World {
         }
     }
 
+    /// Deletes a document at node `n` and pushes the tombstone. The changes
+    /// acknowledged before are superseded: what must hold afterwards is that
+    /// every reader has the tombstone (or a later write), which convergence
+    /// checks.
+    fn delete_doc(&mut self, n: usize, d: &DocId) {
+        let wall = self.wall_ms(n);
+        let Some(replica) = self.nodes[n].replica.as_mut() else {
+            return;
+        };
+        match replica.delete(d, wall) {
+            Ok(true) => {
+                self.note(b"delete", d.as_str().as_bytes());
+                self.oracle.kept.retain(|(doc, _, _)| doc != d);
+                *self.oracle.writes_by_kind.entry("delete").or_insert(0) += 1;
+                self.changed(n, std::slice::from_ref(d), None);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                let name = self.nodes[n].name.clone();
+                self.fail("write", format!("{name}: deleting {d} failed: {e}"));
+            }
+        }
+    }
+
     fn write_desired(&mut self, n: usize, d: &DocId, property: &str, value: String) {
         let wall = self.wall_ms(n);
         let Some(replica) = self.nodes[n].replica.as_mut() else {
@@ -838,8 +862,17 @@ impl World {
             }
         } else if f.pods_per_edge > 0 {
             let k = self.rng.usize(0..f.pods_per_edge);
-            let spec = json!({"containers": [{"name": "app", "image": format!("registry.local/app:v{seq}")}], "restartPolicy": "Always", "nodeName": edge, "by": cloud});
-            self.write_docs(c, vec![(pod_spec(&edge, k), spec)]);
+            // Now and then the API deletes the pod instead. Only with one
+            // cloud: a delete supersedes changes made concurrently to the
+            // old generation, so two clouds writing one pod spec would lose
+            // writes by design (pod specs have one writer in production: the
+            // bridge that holds the lease).
+            if self.clouds.len() == 1 && self.rng.u8(..) < 24 {
+                self.delete_doc(c, &pod_spec(&edge, k));
+            } else {
+                let spec = json!({"containers": [{"name": "app", "image": format!("registry.local/app:v{seq}")}], "restartPolicy": "Always", "nodeName": edge, "by": cloud});
+                self.write_docs(c, vec![(pod_spec(&edge, k), spec)]);
+            }
         } else if let Some(s) = self.nodes[e].site {
             self.write_docs(
                 c,
