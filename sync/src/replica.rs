@@ -476,33 +476,22 @@ impl Replica {
             return Ok(false);
         }
         let mut entry = loaded.entry.clone();
-        let mut tomb = AutoCommit::new();
-        tomb.set_actor(self.actor.clone());
+        let mut tomb = self.new_doc();
         tomb.put(automerge::ROOT, TOMBSTONE_KEY, true)
             .map_err(|e| ReplicaError::Automerge {
                 doc: doc.clone(),
                 reason: e.to_string(),
             })?;
         tomb.commit_with(CommitOptions::default().with_time(now_ms as i64));
+        let stored = entry.chunks;
         entry.generation += 1;
         entry.changes = 1;
-        entry.heads = sorted_heads(&tomb.get_heads());
-        let saved = tomb.save();
         let mut batch = Batch::default();
-        self.store
-            .stage_replace(&mut batch, doc, &mut entry, &saved);
+        self.stage_whole(&mut batch, doc, entry, stored, tomb);
         if let Err(e) = self.store.commit(batch) {
             self.discard(std::slice::from_ref(doc));
             return Err(e.into());
         }
-        self.cache.put(
-            doc.clone(),
-            Loaded {
-                doc: tomb,
-                entry,
-                last_local: None,
-            },
-        );
         let _ = self.events.send(doc.clone());
         Ok(true)
     }
@@ -617,6 +606,40 @@ impl Replica {
         Ok(out)
     }
 
+    /// An empty document written by this replica's actor.
+    fn new_doc(&self) -> AutoCommit {
+        let mut am = AutoCommit::new();
+        am.set_actor(self.actor.clone());
+        am
+    }
+
+    /// Stages `am` as the whole of `doc` (a new generation, a tombstone, a
+    /// document received whole) in place of the `stored_chunks` chunks the
+    /// store holds for it, and keeps it loaded. `entry` brings the generation
+    /// and change count; heads and snapshot are set here. Returns the entry.
+    fn stage_whole(
+        &mut self,
+        batch: &mut Batch,
+        doc: &DocId,
+        mut entry: IndexEntry,
+        stored_chunks: u32,
+        mut am: AutoCommit,
+    ) -> IndexEntry {
+        entry.heads = sorted_heads(&am.get_heads());
+        let saved = am.save();
+        self.store
+            .stage_replace(batch, doc, &mut entry, stored_chunks, &saved);
+        self.cache.put(
+            doc.clone(),
+            Loaded {
+                doc: am,
+                entry: entry.clone(),
+                last_local: None,
+            },
+        );
+        entry
+    }
+
     /// Forgets loaded documents whose staged writes were not persisted, so
     /// that they are read back from the store as it is.
     fn discard(&mut self, docs: &[DocId]) {
@@ -638,26 +661,20 @@ impl Replica {
                 found: json_kind(value),
             });
         };
-        let flat = doc.kind().rolls_over();
-        let root = hydrate::Value::Map(if flat {
-            hydrate::Map::default()
-        } else {
-            json_map(map)
-        });
+        // Rolling documents are stored flat; the others as automerge maps.
+        let root = (!doc.kind().rolls_over()).then(|| hydrate::Value::Map(json_map(map)));
         let set = |am: &mut AutoCommit| -> Result<(), String> {
-            if flat {
-                write_flat(am, map).map_err(|e| e.to_string())
-            } else {
-                am.update_object(automerge::ROOT, &root)
-                    .map_err(|e| e.to_string())
+            match &root {
+                None => write_flat(am, map).map_err(|e| e.to_string()),
+                Some(root) => am
+                    .update_object(automerge::ROOT, root)
+                    .map_err(|e| e.to_string()),
             }
         };
-        let actor = self.actor.clone();
         let rollover_after = self.options.rollover_after_changes;
         let created = self.load(doc)?.is_none();
         if created {
-            let mut am = AutoCommit::new();
-            am.set_actor(actor);
+            let am = self.new_doc();
             self.cache.put(
                 doc.clone(),
                 Loaded {
@@ -691,26 +708,16 @@ impl Replica {
         entry.changes += 1;
         if doc.kind().rolls_over() && entry.changes > rollover_after {
             // A new generation holding only the current values.
-            let mut fresh = AutoCommit::new();
-            fresh.set_actor(self.actor.clone());
+            let mut fresh = self.new_doc();
             set(&mut fresh).map_err(|e| am_err(&e))?;
             let Some(hash) = fresh.commit_with(CommitOptions::default().with_time(now_ms as i64))
             else {
                 return Ok(None);
             };
+            let stored = entry.chunks;
             entry.generation += 1;
             entry.changes = 1;
-            entry.heads = sorted_heads(&fresh.get_heads());
-            let saved = fresh.save();
-            self.store.stage_replace(batch, doc, &mut entry, &saved);
-            self.cache.put(
-                doc.clone(),
-                Loaded {
-                    doc: fresh,
-                    entry,
-                    last_local: None,
-                },
-            );
+            self.stage_whole(batch, doc, entry, stored, fresh);
             return Ok(Some(hash));
         }
         let Some(change) = loaded.doc.get_change_by_hash(&hash) else {
@@ -877,14 +884,15 @@ impl Replica {
         } = item;
         let doc = &doc;
         let batch_heads = batch_heads(&decoded);
-        let actor = self.actor.clone();
-        let current = self.load(doc)?.map(|l| l.entry.generation);
+        let current = self
+            .load(doc)?
+            .map(|l| (l.entry.generation, l.entry.chunks));
         let am_err = |e: automerge::AutomergeError| ReplicaError::Automerge {
             doc: doc.clone(),
             reason: e.to_string(),
         };
         match current {
-            Some(g) if generation < g => {
+            Some((g, _)) if generation < g => {
                 let entry = self.entry(doc)?.unwrap_or_default();
                 return Ok(Applied {
                     stale: true,
@@ -892,31 +900,21 @@ impl Replica {
                     ..Default::default()
                 });
             }
-            Some(g) if generation == g => {}
+            Some((g, _)) if generation == g => {}
             _ => {
                 // A document or a generation new to this replica.
-                let mut am = AutoCommit::new();
-                am.set_actor(actor);
+                let stored = current.map_or(0, |(_, chunks)| chunks);
+                let mut am = self.new_doc();
                 let times = decoded.iter().map(Change::timestamp).collect();
                 let n = decoded.len();
                 am.apply_changes_batch(decoded).map_err(am_err)?;
-                let mut entry = IndexEntry {
+                let missing_deps = !am.get_missing_deps(&[]).is_empty();
+                let entry = IndexEntry {
                     generation,
-                    heads: sorted_heads(&am.get_heads()),
                     changes: n as u64,
                     ..Default::default()
                 };
-                let missing_deps = !am.get_missing_deps(&[]).is_empty();
-                let saved = am.save();
-                self.store.stage_replace(batch, doc, &mut entry, &saved);
-                self.cache.put(
-                    doc.clone(),
-                    Loaded {
-                        doc: am,
-                        entry: entry.clone(),
-                        last_local: None,
-                    },
-                );
+                let entry = self.stage_whole(batch, doc, entry, stored, am);
                 return Ok(Applied {
                     new_changes: n,
                     entry,
@@ -1033,7 +1031,9 @@ fn read_flat(am: &AutoCommit) -> Result<serde_json::Value, String> {
             automerge::Value::Scalar(s) => match s.as_ref() {
                 ScalarValue::Bytes(b) => serde_json::from_slice(b)
                     .map_err(|e| format!("value {key:?} is not JSON: {e}"))?,
-                other => scalar_json(other),
+                // automerge serializes its scalars as JSON values.
+                other => serde_json::to_value(other)
+                    .map_err(|e| format!("value {key:?} does not convert: {e}"))?,
             },
             // Written by an older form of the document: read it whole.
             automerge::Value::Object(_) => serde_json::to_value(AutoSerde::from(am))
@@ -1044,21 +1044,6 @@ fn read_flat(am: &AutoCommit) -> Result<serde_json::Value, String> {
         out.insert(key, json);
     }
     Ok(serde_json::Value::Object(out))
-}
-
-fn scalar_json(s: &automerge::ScalarValue) -> serde_json::Value {
-    use automerge::ScalarValue;
-    match s {
-        ScalarValue::Str(s) => serde_json::Value::String(s.to_string()),
-        ScalarValue::Int(i) => (*i).into(),
-        ScalarValue::Uint(u) => (*u).into(),
-        ScalarValue::F64(f) => serde_json::Number::from_f64(*f)
-            .map(serde_json::Value::Number)
-            .unwrap_or(serde_json::Value::Null),
-        ScalarValue::Boolean(b) => (*b).into(),
-        ScalarValue::Timestamp(t) => (*t).into(),
-        _ => serde_json::Value::Null,
-    }
 }
 
 /// Which of `hashes` the document holds (applied, not merely queued).

@@ -432,29 +432,25 @@ impl Store {
         entry: &mut IndexEntry,
         saved: &[u8],
     ) -> Result<(), StoreError> {
+        // The chunks stored now, whatever generation `entry` describes.
+        let stored = self.index(doc)?.map_or(0, |e| e.chunks);
         let mut batch = Batch::default();
-        self.stage_replace(&mut batch, doc, entry, saved);
+        self.stage_replace(&mut batch, doc, entry, stored, saved);
         self.commit(batch)
     }
 
-    /// Stages [`Store::replace`] in `batch`.
+    /// Stages [`Store::replace`] in `batch`. `stored_chunks` is how many
+    /// chunks the document has in the store now (the caller's index entry
+    /// says), so that they are deleted with it.
     pub fn stage_replace(
         &self,
         batch: &mut Batch,
         doc: &DocId,
         entry: &mut IndexEntry,
+        stored_chunks: u32,
         saved: &[u8],
     ) {
-        // The chunks stored now, whatever generation `entry` describes. A
-        // read error leaves chunks behind past the index's count, where
-        // nothing reads them and later chunks overwrite them.
-        let stored = self
-            .index(doc)
-            .ok()
-            .flatten()
-            .map_or(0, |e| e.chunks)
-            .max(entry.chunks);
-        self.put_snapshot(&mut batch.0, doc, entry, stored, saved);
+        self.put_snapshot(&mut batch.0, doc, entry, stored_chunks, saved);
         self.put_index(&mut batch.0, doc, entry);
         batch.1 += 1;
     }
