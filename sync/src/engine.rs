@@ -134,15 +134,28 @@ impl Engine {
             .and_then(|p| p.session.watermark_ms())
     }
 
-    /// Writes a document locally (persisted before this returns) and pushes
-    /// it to connected peers that may read it.
-    pub fn write_json(&self, doc: &DocId, value: &serde_json::Value) -> Result<bool, ReplicaError> {
+    /// Runs a local write on the replica and, when `f` says it changed
+    /// `doc`, pushes the document to connected peers that may read it.
+    fn write_local<T, E>(
+        &self,
+        doc: &DocId,
+        f: impl FnOnce(&mut Replica, u64) -> Result<(T, bool), E>,
+    ) -> Result<T, E> {
         let mut inner = self.lock();
-        let changed = inner.replica.write_json(doc, value, now_ms())?.is_some();
+        let (out, changed) = f(&mut inner.replica, now_ms())?;
         if changed {
             mark_dirty(&mut inner, self.me, doc, None);
         }
-        Ok(changed)
+        Ok(out)
+    }
+
+    /// Writes a document locally (persisted before this returns) and pushes
+    /// it to connected peers that may read it.
+    pub fn write_json(&self, doc: &DocId, value: &serde_json::Value) -> Result<bool, ReplicaError> {
+        self.write_local(doc, |r, now| {
+            let changed = r.write_json(doc, value, now)?.is_some();
+            Ok((changed, changed))
+        })
     }
 
     /// Writes many documents in one store write (a report cycle of many
@@ -169,12 +182,10 @@ impl Engine {
         doc: &DocId,
         value: &T,
     ) -> Result<bool, ReplicaError> {
-        let mut inner = self.lock();
-        let changed = inner.replica.put(doc, value, now_ms())?.is_some();
-        if changed {
-            mark_dirty(&mut inner, self.me, doc, None);
-        }
-        Ok(changed)
+        self.write_local(doc, |r, now| {
+            let changed = r.put(doc, value, now)?.is_some();
+            Ok((changed, changed))
+        })
     }
 
     /// Sets this replica's desired value of a device property (see
@@ -185,21 +196,21 @@ impl Engine {
         property: &str,
         value: &str,
     ) -> Result<crate::hlc::Hlc, crate::desired::DesiredError> {
-        let mut inner = self.lock();
-        let at = crate::desired::set_desired(&mut inner.replica, doc, property, value, now_ms())?;
-        mark_dirty(&mut inner, self.me, doc, None);
-        Ok(at)
+        self.write_local(doc, |r, now| {
+            Ok((
+                crate::desired::set_desired(r, doc, property, value, now)?,
+                true,
+            ))
+        })
     }
 
     /// Deletes a document (see [`Replica::delete`]) and pushes the
     /// tombstone; `false` when there was nothing to delete.
     pub fn delete(&self, doc: &DocId) -> Result<bool, ReplicaError> {
-        let mut inner = self.lock();
-        let deleted = inner.replica.delete(doc, now_ms())?;
-        if deleted {
-            mark_dirty(&mut inner, self.me, doc, None);
-        }
-        Ok(deleted)
+        self.write_local(doc, |r, now| {
+            let deleted = r.delete(doc, now)?;
+            Ok((deleted, deleted))
+        })
     }
 
     /// Reads a document as JSON.
