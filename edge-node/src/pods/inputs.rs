@@ -11,7 +11,7 @@ use base64::Engine as _;
 use k8s_cri::v1 as cri;
 use outpost_sync::document::{DocId, DocKind, Owner};
 use outpost_sync::engine::Engine;
-use outpost_sync::schema::{ConfigMapDoc, Container, PodSpecDoc, SecretDoc, Volume};
+use outpost_sync::schema::{ConfigMapDoc, Container, KeyRef, PodSpecDoc, SecretDoc, Volume};
 
 /// Why a container's configuration cannot be built; kubelet's
 /// `CreateContainerConfigError`.
@@ -107,6 +107,30 @@ pub(crate) struct PodFacts<'a> {
     pub node: &'a str,
     pub pod_ip: &'a str,
     pub host_ip: &'a str,
+}
+
+/// The value of `r.key` in a ConfigMap's or Secret's values (`None` when the
+/// object is absent), as kubelet resolves an env var's key reference: a
+/// missing object or key is an error unless the reference is optional.
+fn key_value(
+    values: Option<BTreeMap<String, Vec<u8>>>,
+    r: &KeyRef,
+    what: &str,
+    ns: &str,
+) -> Result<Option<String>, ConfigError> {
+    let optional = r.optional == Some(true);
+    match values {
+        Some(m) => match m.get(&r.key) {
+            Some(v) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
+            None if optional => Ok(None),
+            None => Err(ConfigError(format!(
+                "couldn't find key {} in {what} {ns}/{}",
+                r.key, r.name
+            ))),
+        },
+        None if optional => Ok(None),
+        None => Err(ConfigError(format!("{what} \"{}\" not found", r.name))),
+    }
 }
 
 fn field(facts: &PodFacts<'_>, path: &str) -> Result<String, ConfigError> {
@@ -213,41 +237,9 @@ pub(crate) fn environment(
     for var in &container.env {
         let value = if let Some(source) = &var.value_from {
             if let Some(r) = &source.config_map_key_ref {
-                let value = lookup.config_map(ns, &r.name)?;
-                match (value, r.optional) {
-                    (Some(m), opt) => match m.get(&r.key) {
-                        Some(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                        None if opt == Some(true) => None,
-                        None => {
-                            return Err(ConfigError(format!(
-                                "couldn't find key {} in configmap {ns}/{}",
-                                r.key, r.name
-                            )));
-                        }
-                    },
-                    (None, Some(true)) => None,
-                    (None, _) => {
-                        return Err(ConfigError(format!("configmap \"{}\" not found", r.name)));
-                    }
-                }
+                key_value(lookup.config_map(ns, &r.name)?, r, "configmap", ns)?
             } else if let Some(r) = &source.secret_key_ref {
-                let value = lookup.secret(ns, &r.name)?;
-                match (value, r.optional) {
-                    (Some(m), opt) => match m.get(&r.key) {
-                        Some(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                        None if opt == Some(true) => None,
-                        None => {
-                            return Err(ConfigError(format!(
-                                "couldn't find key {} in secret {ns}/{}",
-                                r.key, r.name
-                            )));
-                        }
-                    },
-                    (None, Some(true)) => None,
-                    (None, _) => {
-                        return Err(ConfigError(format!("secret \"{}\" not found", r.name)));
-                    }
-                }
+                key_value(lookup.secret(ns, &r.name)?, r, "secret", ns)?
             } else if let Some(f) = &source.field_ref {
                 Some(field(facts, &f.field_path)?)
             } else {
