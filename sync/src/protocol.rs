@@ -518,11 +518,23 @@ impl Session {
                         Ok(changes) => changes,
                         Err(e) => return Err(malformed(e.to_string())),
                     };
-                    let bad = changes.iter().find_map(|c| match change_author(c) {
-                        Some(author) if roster.may_write(&author, &dc.doc) => None,
-                        Some(author) => Some(format!("author {author} may not write it")),
-                        None => Some("a change has no author identity".to_string()),
-                    });
+                    let mut bad = None;
+                    for c in &changes {
+                        let reason = match change_author(c) {
+                            Some(author) if roster.may_write(&author, &dc.doc) => continue,
+                            Some(author) => format!("author {author} may not write it"),
+                            None => "a change has no author identity".to_string(),
+                        };
+                        // A change held here already was checked when it
+                        // first arrived (or was written here: a replica's
+                        // roster need not list itself). A peer that did not
+                        // know this replica's heads sends it back; no offence.
+                        if replica.has_change(&dc.doc, &c.hash())? {
+                            continue;
+                        }
+                        bad = Some(reason);
+                        break;
+                    }
                     if let Some(reason) = bad {
                         self.stats.rejected += n;
                         events.push(Event::Rejected {

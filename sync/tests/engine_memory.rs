@@ -184,3 +184,45 @@ async fn a_deleted_document_disappears_at_the_peer_and_can_come_back() {
     .await;
     assert!(cloud.read_json(&pod).unwrap().is_some());
 }
+
+/// As deployed, a replica's roster lists its peers, not itself. After a
+/// partition in which both sides changed a document, the side that sends
+/// first (not knowing the other's heads) sends its whole history, including
+/// changes the other wrote itself; those must not be refused for an author
+/// missing from the receiver's roster, whichever side sends first.
+#[tokio::test]
+async fn own_changes_sent_back_are_accepted_when_the_roster_lists_only_the_peer() {
+    for (i, (c, e)) in [(CLOUD, EDGE), (EDGE, CLOUD)].into_iter().enumerate() {
+        let mut edge_roster = Roster::new();
+        edge_roster.insert(c, Role::Cloud);
+        let edge = engine(&format!("own-e{i}"), e, &edge_roster);
+        let mut cloud_roster = Roster::new();
+        cloud_roster.insert(
+            e,
+            Role::Edge {
+                node: "edge-1".into(),
+                site: None,
+            },
+        );
+        let cloud = engine(&format!("own-c{i}"), c, &cloud_roster);
+        let doc: DocId = "device-desired/edge-1/default/thermo-1".parse().unwrap();
+        let link = connect(&edge, &cloud, DEFAULT_LINK_BUFFER);
+        cloud
+            .write_json(&doc, &json!({"name": "thermo-1", "model": "m"}))
+            .unwrap();
+        until("the document at the edge", || {
+            edge.read_json(&doc).unwrap().is_some()
+        })
+        .await;
+        link.cut();
+        cloud.set_desired(&doc, "fan", "2").unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        edge.set_desired(&doc, "fan", "5").unwrap();
+        let _link = connect(&edge, &cloud, DEFAULT_LINK_BUFFER);
+        let read = |e: &Engine| -> Value { e.read_json(&doc).unwrap().unwrap() };
+        until("convergence", || read(&cloud) == read(&edge)).await;
+        assert_eq!(resolve(&read(&cloud))["fan"].winner.value, "5");
+        assert_eq!(cloud.metrics().rejected_changes.get(), 0);
+        assert_eq!(edge.metrics().rejected_changes.get(), 0);
+    }
+}
