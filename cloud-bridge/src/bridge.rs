@@ -1,6 +1,6 @@
 //! The running bridge: watchers on one side, the replica on the other.
 //!
-//! Three loops share a sync [`Engine`]:
+//! Four loops share a sync [`Engine`]:
 //! - **admission** watches the admission records (Secrets labelled
 //!   [`ADMITTED_LABEL`] in [`SYSTEM_NAMESPACE`]) through a reflector, turns
 //!   them into the engine's roster and publishes the admitted edges;
@@ -12,7 +12,10 @@
 //! - **pods** watches bound Pods, ConfigMaps and Secrets through reflectors,
 //!   writes pod-spec, configmap and secret documents for managed nodes, and
 //!   projects pod-status documents back through the status subresource,
-//!   finishing graceful deletions when the edge reports a pod terminated.
+//!   finishing graceful deletions when the edge reports a pod terminated;
+//! - **devices** ([`crate::devices`]) installs the device CRDs, writes
+//!   Devices and DeviceModels into documents, and writes twins and merged
+//!   desired values back, coalesced and rate-bounded.
 //!
 //! Nothing polls: the API side comes from watch streams, the edge side from
 //! the replica's subscriptions. A failed API write is retried after
@@ -20,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -54,6 +58,11 @@ pub struct BridgeConfig {
     pub node_status_refresh: Duration,
     /// How long a failed API write waits before it is tried again.
     pub retry_after: Duration,
+    /// The most API writes a second of device twin status (`DeviceStatus`
+    /// and `Device.status`), however often devices report; up to one
+    /// second's worth may go at once. Reports coalesce while they wait: each
+    /// write carries a device's latest values.
+    pub device_status_writes_per_s: f64,
 }
 
 impl Default for BridgeConfig {
@@ -63,6 +72,7 @@ impl Default for BridgeConfig {
             lease_duration_s: 40,
             node_status_refresh: Duration::from_secs(300),
             retry_after: Duration::from_secs(1),
+            device_status_writes_per_s: 20.0,
         }
     }
 }
@@ -84,10 +94,12 @@ pub type Edges = BTreeMap<String, Admitted>;
 /// The cloud bridge over one sync engine.
 #[derive(Clone)]
 pub struct Bridge {
-    client: Client,
-    engine: Engine,
-    config: Arc<BridgeConfig>,
-    edges: watch::Sender<Edges>,
+    pub(crate) client: Client,
+    pub(crate) engine: Engine,
+    pub(crate) config: Arc<BridgeConfig>,
+    pub(crate) edges: watch::Sender<Edges>,
+    /// API writes of device twin status so far.
+    pub(crate) status_writes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -107,7 +119,14 @@ impl Bridge {
             engine,
             config: Arc::new(config),
             edges: watch::Sender::new(Edges::new()),
+            status_writes: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How many API writes of device twin status (`DeviceStatus` objects
+    /// and `Device.status`) this bridge has sent.
+    pub fn device_status_writes(&self) -> u64 {
+        self.status_writes.load(Ordering::Relaxed)
     }
 
     /// The admitted edges, as the bridge currently knows them.
@@ -122,20 +141,21 @@ impl Bridge {
         let admission = self.clone().admission_loop();
         let nodes = NodeLoop::new(self.clone()).run();
         let pods = PodLoop::new(self.clone()).run();
-        tokio::try_join!(admission, nodes, pods).map(|_| ())
+        let devices = crate::devices::run(self.clone());
+        tokio::try_join!(admission, nodes, pods, devices).map(|_| ())
     }
 
     fn apply_params(&self) -> PatchParams {
         PatchParams::apply(&self.config.field_manager).force()
     }
 
-    fn subscribe(&self, kinds: impl IntoIterator<Item = DocKind>) -> Subscription {
+    pub(crate) fn subscribe(&self, kinds: impl IntoIterator<Item = DocKind>) -> Subscription {
         self.engine
             .with_replica(|r| r.subscribe_scope(Scope::all().kinds(kinds)))
     }
 
     /// Every document of a kind in the replica.
-    fn scan(&self, kind: DocKind) -> Vec<DocId> {
+    pub(crate) fn scan(&self, kind: DocKind) -> Vec<DocId> {
         self.engine.with_replica(|r| {
             r.scan()
                 .filter_map(Result::ok)
@@ -177,7 +197,7 @@ impl Bridge {
 
 /// Receives the next document of a subscription; a lag yields `None`
 /// (the caller re-reads its scope).
-async fn next_doc(sub: &mut Subscription) -> Result<Option<DocId>, BridgeError> {
+pub(crate) async fn next_doc(sub: &mut Subscription) -> Result<Option<DocId>, BridgeError> {
     match sub.recv().await {
         Ok(doc) => Ok(Some(doc)),
         Err(SubscriptionError::Lagged(n)) => {
@@ -189,7 +209,7 @@ async fn next_doc(sub: &mut Subscription) -> Result<Option<DocId>, BridgeError> 
 }
 
 /// Schedules `key` to be sent on `tx` after `delay`.
-fn retry<T: Send + 'static>(tx: &mpsc::UnboundedSender<T>, key: T, delay: Duration) {
+pub(crate) fn retry<T: Send + 'static>(tx: &mpsc::UnboundedSender<T>, key: T, delay: Duration) {
     let tx = tx.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
@@ -450,10 +470,10 @@ struct PodLoop {
 }
 
 /// A watch stream whose events have been applied to a reflector store.
-type Events<K> =
+pub(crate) type Events<K> =
     std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
-fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, Events<K>)
+pub(crate) fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, Events<K>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone

@@ -14,13 +14,23 @@
 //! - [`admission`]: join tokens, admitting an edge's key, the roster;
 //! - [`join`]: the join protocol on its own iroh ALPN (both sides);
 //! - [`project`]: object ↔ document projections, free of I/O;
-//! - [`bridge`]: the running loops (admission, nodes and leases, pods).
+//! - [`crd`]: KubeEdge's device CRDs (`devices.kubeedge.io/v1beta1`:
+//!   Device, DeviceModel, DeviceStatus) as Rust types, the CRD manifests
+//!   generated from them (`outpost-cloud crds`, `deploy/crds.yaml`) and their
+//!   installation;
+//! - [`devices`]: Devices and DeviceModels into device-desired and
+//!   device-model documents; reported twins back to `DeviceStatus` and
+//!   `Device.status`, coalesced behind a rate bound; merged desired values
+//!   back to the Device, with losing writes as Events;
+//! - [`bridge`]: the running loops (admission, nodes and leases, pods,
+//!   devices).
 //!
-//! Not yet here: Devices and DeviceModels, coalescing of reported values,
-//! several bridge replicas splitting the nodes.
+//! Not yet here: several bridge replicas splitting the nodes.
 
 pub mod admission;
 pub mod bridge;
+pub mod crd;
+pub mod devices;
 pub mod join;
 pub mod project;
 

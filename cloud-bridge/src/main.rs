@@ -34,6 +34,10 @@ enum Command {
     /// Join tokens that admit edge nodes.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print the CRDs the bridge serves (KubeEdge's devices.kubeedge.io
+    /// Device, DeviceModel, DeviceStatus) as YAML, as deploy/crds.yaml holds
+    /// them. The bridge also installs them at start when they are missing.
+    Crds,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,8 +93,25 @@ struct RunArgs {
     /// leaseDurationSeconds of the edge nodes' Leases.
     #[arg(long, env = "OUTPOST_LEASE_DURATION_S", default_value_t = 40)]
     lease_duration_s: i32,
+    /// The most API writes a second of device twin status (DeviceStatus and
+    /// Device.status); reports coalesce meanwhile, each write carries a
+    /// device's latest values.
+    #[arg(
+        long,
+        env = "OUTPOST_DEVICE_STATUS_WRITES_PER_S",
+        default_value_t = 20.0,
+        value_parser = parse_rate
+    )]
+    device_status_writes_per_s: f64,
     #[command(flatten)]
     kube: KubeArgs,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .ok_or_else(|| "a positive number of writes a second, like 20 or 0.5".to_owned())
 }
 
 #[tokio::main]
@@ -106,6 +127,10 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Token(TokenCommand::Create(args)) => token_create(args).await,
+        Command::Crds => {
+            print!("{}", outpost_cloud_bridge::crd::crds_yaml()?);
+            Ok(())
+        }
     }
 }
 
@@ -171,6 +196,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         engine.clone(),
         BridgeConfig {
             lease_duration_s: args.lease_duration_s,
+            device_status_writes_per_s: args.device_status_writes_per_s,
             ..BridgeConfig::default()
         },
     );

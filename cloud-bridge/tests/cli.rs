@@ -37,3 +37,38 @@ fn token_create_explains_its_flags_and_refuses_a_bad_ttl() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a duration"), "{err}");
 }
+
+#[test]
+fn run_explains_the_device_status_rate_and_refuses_nonsense() {
+    let bin = env!("CARGO_BIN_EXE_outpost-cloud");
+    let out = Command::new(bin)
+        .args(["run", "--help"])
+        .output()
+        .expect("run outpost-cloud run --help");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for words in [
+        "--device-status-writes-per-s",
+        "[default: 20]",
+        "OUTPOST_DEVICE_STATUS_WRITES_PER_S",
+    ] {
+        assert!(text.contains(words), "--help shows {words}: {text}");
+    }
+    let out = Command::new(bin)
+        .args(["run", "--device-status-writes-per-s", "0"])
+        .output()
+        .expect("run outpost-cloud run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("positive number of writes a second"), "{err}");
+}
+
+#[test]
+fn help_lists_the_crds_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost-cloud"))
+        .arg("--help")
+        .output()
+        .expect("run outpost-cloud --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("crds"), "{text}");
+}

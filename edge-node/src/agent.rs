@@ -20,6 +20,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::cri::CriClient;
 use crate::pods::{PodManager, PodManagerConfig};
+use crate::twins::{TwinConfig, TwinManager, TwinView};
 
 /// The replica's folder inside the data dir.
 pub const REPLICA_DIR: &str = "replica";
@@ -48,6 +49,7 @@ pub enum StartError {
 pub struct Agent {
     engine: Engine,
     pods: PodManager,
+    twins: TwinManager,
     tasks: JoinSet<()>,
     endpoint: Option<iroh::Endpoint>,
 }
@@ -95,6 +97,7 @@ impl Agent {
                 backoff: config.backoff(),
             },
         );
+        let twins = TwinManager::spawn(engine.clone(), TwinConfig::new(config.node_name.clone()));
         let mut tasks = JoinSet::new();
         tasks.spawn(crate::node::heartbeat_loop(
             engine.clone(),
@@ -119,6 +122,7 @@ impl Agent {
         Ok(Self {
             engine,
             pods,
+            twins,
             tasks,
             endpoint,
         })
@@ -129,9 +133,15 @@ impl Agent {
         &self.engine
     }
 
+    /// The node's device twins.
+    pub fn twins(&self) -> TwinView {
+        self.twins.view()
+    }
+
     /// Stops every task and closes the replica. Containers keep running.
     pub async fn shutdown(mut self) {
         self.pods.shutdown().await;
+        self.twins.shutdown().await;
         if let Some(ep) = self.endpoint.take() {
             ep.close().await;
         }

@@ -17,7 +17,8 @@
 //! - [`cri`]: the CRI v1 gRPC channel to containerd;
 //! - [`pods`]: the pod manager (sandboxes, containers, restart back-off,
 //!   probes, volumes, status, deletion, adoption after restarts);
-//! - [`node`]: the node heartbeat and status.
+//! - [`node`]: the node heartbeat and status;
+//! - [`twins`]: device twins over in-process mapper drivers.
 
 pub mod agent;
 pub mod clock;
@@ -25,3 +26,4 @@ pub mod config;
 pub mod cri;
 pub mod node;
 pub mod pods;
+pub mod twins;
