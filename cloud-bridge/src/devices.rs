@@ -853,9 +853,10 @@ impl StatusWriter {
         let status = convert::twin_status(reported.as_ref(), &resolved, |w| {
             writer_name(&edges, &me, w)
         });
-        if self.written.get(key) == Some(&status)
-            || (status == TwinStatus::default() && device.status.is_none())
-        {
+        // Nothing reported and no conflict: nothing to say (and a bridge
+        // whose replica lacks the report must not blank what another wrote).
+        let conflicts = resolved.values().any(|r| !r.losers.is_empty());
+        if (reported.is_none() && !conflicts) || self.written.get(key) == Some(&status) {
             return Ok(());
         }
         let params = PatchParams::apply(&self.bridge.config.field_manager).force();
