@@ -19,6 +19,7 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::cri::CriClient;
+use crate::eventbus::{EventBus, EventBusConfig};
 use crate::pods::{PodManager, PodManagerConfig};
 use crate::twins::{TwinConfig, TwinManager, TwinView};
 
@@ -50,6 +51,7 @@ pub struct Agent {
     engine: Engine,
     pods: PodManager,
     twins: TwinManager,
+    eventbus: Option<EventBus>,
     tasks: JoinSet<()>,
     endpoint: Option<iroh::Endpoint>,
 }
@@ -98,6 +100,18 @@ impl Agent {
             },
         );
         let twins = TwinManager::spawn(engine.clone(), TwinConfig::new(config.node_name.clone()));
+        let eventbus = config.mqtt.as_ref().map(|(host, port)| {
+            EventBus::spawn(
+                engine.clone(),
+                twins.view(),
+                EventBusConfig {
+                    host: host.clone(),
+                    port: *port,
+                    node: config.node_name.clone(),
+                    client_id: format!("outpost-edge-{}", config.node_name),
+                },
+            )
+        });
         let mut tasks = JoinSet::new();
         tasks.spawn(crate::node::heartbeat_loop(
             engine.clone(),
@@ -123,6 +137,7 @@ impl Agent {
             engine,
             pods,
             twins,
+            eventbus,
             tasks,
             endpoint,
         })
@@ -141,6 +156,9 @@ impl Agent {
     /// Stops every task and closes the replica. Containers keep running.
     pub async fn shutdown(mut self) {
         self.pods.shutdown().await;
+        if let Some(bus) = self.eventbus.take() {
+            bus.shutdown().await;
+        }
         self.twins.shutdown().await;
         if let Some(ep) = self.endpoint.take() {
             ep.close().await;

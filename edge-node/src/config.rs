@@ -34,6 +34,32 @@ pub const DEFAULT_POD_LOG_DIR: &str = "/var/log/pods";
 /// Default UDP address of the iroh endpoint.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:0";
 
+/// The event bus's default broker: the node's own mosquitto.
+pub const DEFAULT_MQTT: &str = "127.0.0.1:1883";
+
+/// `host:port` or `off`.
+fn parse_mqtt(text: &str) -> Result<Option<(String, u16)>, ConfigError> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let invalid = |reason: String| ConfigError::Invalid {
+        name: "mqtt",
+        reason,
+    };
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(format!("{text:?} is not host:port or off")))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| invalid(format!("{port:?} is not a port number")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(invalid(format!("{text:?} is not host:port or off")));
+    }
+    Ok(Some((host.to_owned(), port)))
+}
+
 /// The settings of `outpost-edge run` as flags and environment variables.
 /// Each is optional: what is not given comes from the file, then from the
 /// default.
@@ -85,6 +111,10 @@ pub struct RunArgs {
     /// A container that ran this long before exiting restarts with no back-off [default: 600].
     #[arg(long, env = "OUTPOST_BACKOFF_RESET_S")]
     pub backoff_reset_s: Option<u64>,
+    /// The node's MQTT broker for KubeEdge's event bus, as `host:port`, or
+    /// `off` [default: 127.0.0.1:1883].
+    #[arg(long, env = "OUTPOST_MQTT")]
+    pub mqtt: Option<String>,
 }
 
 /// The configuration file: every setting optional, no unknown names.
@@ -119,6 +149,8 @@ pub struct FileConfig {
     pub backoff_max_ms: Option<u64>,
     /// See [`RunArgs::backoff_reset_s`].
     pub backoff_reset_s: Option<u64>,
+    /// See [`RunArgs::mqtt`].
+    pub mqtt: Option<String>,
 }
 
 /// The effective configuration of an agent.
@@ -152,6 +184,8 @@ pub struct Config {
     pub backoff_max_ms: u64,
     /// Running time that resets the back-off, s.
     pub backoff_reset_s: u64,
+    /// The event bus's broker (`host`, `port`), or `None` when off.
+    pub mqtt: Option<(String, u16)>,
 }
 
 /// Why the configuration could not be built.
@@ -265,6 +299,7 @@ impl Config {
             backoff_base_ms: a.backoff_base_ms.or(file.backoff_base_ms).unwrap_or(10_000),
             backoff_max_ms: a.backoff_max_ms.or(file.backoff_max_ms).unwrap_or(300_000),
             backoff_reset_s: a.backoff_reset_s.or(file.backoff_reset_s).unwrap_or(600),
+            mqtt: parse_mqtt(a.mqtt.or(file.mqtt).as_deref().unwrap_or(DEFAULT_MQTT))?,
         };
         for (name, value) in [
             ("heartbeat_s", config.heartbeat_s),

@@ -18,12 +18,14 @@
 //! - [`pods`]: the pod manager (sandboxes, containers, restart back-off,
 //!   probes, volumes, status, deletion, adoption after restarts);
 //! - [`node`]: the node heartbeat and status;
-//! - [`twins`]: device twins over in-process mapper drivers.
+//! - [`twins`]: device twins over in-process mapper drivers;
+//! - [`eventbus`]: KubeEdge's MQTT event bus over the twins.
 
 pub mod agent;
 pub mod clock;
 pub mod config;
 pub mod cri;
+pub mod eventbus;
 pub mod node;
 pub mod pods;
 pub mod twins;

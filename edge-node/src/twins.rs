@@ -32,8 +32,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use outpost_mappers::device::{self, DeviceHandle, DeviceSender, Report};
-use outpost_mappers::driver::{DeviceState, WriteError};
-use outpost_mappers::property::PropertySpec;
+use outpost_mappers::driver::{DeviceState, Reading, WriteError};
+use outpost_mappers::property::{PropertySpec, Value};
 use outpost_mappers::spec::{self, DeviceSpec, ModelSpec, PropertyBinding};
 use outpost_sync::document::{DocId, DocKind, Owner};
 use outpost_sync::engine::Engine;
@@ -129,6 +129,7 @@ pub type Twins = BTreeMap<String, DeviceTwin>;
 pub struct TwinView {
     twins: watch::Receiver<Twins>,
     changes: broadcast::Sender<String>,
+    reports: mpsc::Sender<Report>,
 }
 
 impl TwinView {
@@ -152,6 +153,36 @@ impl TwinView {
     pub fn watch(&self) -> watch::Receiver<Twins> {
         self.twins.clone()
     }
+
+    /// A value of a property reported by a local app (KubeEdge's twin
+    /// `actual`), taken as if the driver had read it.
+    pub async fn report_actual(
+        &self,
+        device: &str,
+        property: &str,
+        value: &str,
+    ) -> Result<(), LocalWriteError> {
+        let twin = self
+            .device(device)
+            .ok_or_else(|| LocalWriteError::UnknownDevice(device.to_owned()))?;
+        if !twin.properties.contains_key(property) {
+            return Err(LocalWriteError::UnknownProperty {
+                device: device.to_owned(),
+                property: property.to_owned(),
+            });
+        }
+        let report = Report::Values {
+            device: device.to_owned(),
+            readings: vec![Reading {
+                property: property.to_owned(),
+                value: Ok(Value::String(value.to_owned())),
+            }],
+        };
+        self.reports
+            .send(report)
+            .await
+            .map_err(|_| LocalWriteError::Store("the twin manager has stopped".into()))
+    }
 }
 
 /// The running twin manager. Dropping it stops the devices.
@@ -172,12 +203,20 @@ impl TwinManager {
     pub fn spawn(engine: Engine, config: TwinConfig) -> Self {
         let (twins_tx, twins_rx) = watch::channel(Twins::new());
         let (changes, _) = broadcast::channel(1024);
+        let (reports_tx, reports_rx) = mpsc::channel(1024);
         let view = TwinView {
             twins: twins_rx,
             changes: changes.clone(),
+            reports: reports_tx.clone(),
         };
         let mut tasks = JoinSet::new();
-        tasks.spawn(run(engine, config, twins_tx, changes));
+        tasks.spawn(run(
+            engine,
+            config,
+            twins_tx,
+            changes,
+            (reports_tx, reports_rx),
+        ));
         Self { tasks, view }
     }
 
@@ -245,6 +284,7 @@ async fn run(
     config: TwinConfig,
     twins: watch::Sender<Twins>,
     changes: broadcast::Sender<String>,
+    (reports_tx, mut reports_rx): (mpsc::Sender<Report>, mpsc::Receiver<Report>),
 ) {
     let mut sub = engine.with_replica(|r| {
         r.subscribe_scope(
@@ -253,7 +293,6 @@ async fn run(
                 .node(config.node.clone()),
         )
     });
-    let (reports_tx, mut reports_rx) = mpsc::channel(1024);
     let (done_tx, mut done_rx) = mpsc::channel(256);
     let mut resync = tokio::time::interval(config.resync_interval);
     resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
