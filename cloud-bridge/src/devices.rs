@@ -159,10 +159,6 @@ impl StatusQueue {
         }
     }
 
-    fn remove(&self, key: &DeviceKey) {
-        self.lock().remove(key);
-    }
-
     async fn next(&self) -> DeviceKey {
         loop {
             if let Some(key) = self.lock().pop() {
@@ -400,7 +396,8 @@ impl DeviceLoop {
 
     /// Removes a device's documents (it was deleted, or left its node).
     fn unproject(&mut self, key: &DeviceKey) {
-        self.queue.remove(key);
+        // The writer's turn for it drops what it remembers of the device.
+        self.queue.mark(key.clone());
         self.seen.remove(key);
         self.published.remove(key);
         let Some((node, model)) = self.projected.remove(key) else {
@@ -671,6 +668,12 @@ impl DeviceLoop {
         let me = self.bridge.engine.me().to_string();
         let edges = self.bridge.edges.borrow().clone();
         let published = self.published.entry(key.clone()).or_default();
+        // Only losers still visible are remembered (bounded).
+        published.retain(|(property, writer, at)| {
+            resolved
+                .get(property)
+                .is_some_and(|r| r.losers.iter().any(|l| l.writer == *writer && l.at == *at))
+        });
         let mut notes = Vec::new();
         for (property, r) in resolved {
             for loser in &r.losers {
@@ -785,8 +788,9 @@ struct StatusWriter {
     devices: Store<Device>,
     queue: Arc<StatusQueue>,
     bucket: TokenBucket,
-    /// The twin status last written per device.
-    written: HashMap<DeviceKey, TwinStatus>,
+    /// The twin status last written per device, with the Device's uid (a
+    /// Device created again under the same name gets its status again).
+    written: HashMap<DeviceKey, (String, TwinStatus)>,
     /// The Device uid each DeviceStatus object was applied for.
     owned: HashMap<DeviceKey, String>,
 }
@@ -825,6 +829,7 @@ impl StatusWriter {
             return Ok(());
         };
         if !self.bridge.edges.borrow().contains_key(&node) {
+            self.written.remove(key);
             return Ok(());
         }
         let (Ok(reported_doc), Ok(desired_doc)) = (
@@ -856,7 +861,12 @@ impl StatusWriter {
         // Nothing reported and no conflict: nothing to say (and a bridge
         // whose replica lacks the report must not blank what another wrote).
         let conflicts = resolved.values().any(|r| !r.losers.is_empty());
-        if (reported.is_none() && !conflicts) || self.written.get(key) == Some(&status) {
+        if (reported.is_none() && !conflicts)
+            || self
+                .written
+                .get(key)
+                .is_some_and(|(u, written)| *u == uid && *written == status)
+        {
             return Ok(());
         }
         let params = PatchParams::apply(&self.bridge.config.field_manager).force();
@@ -925,7 +935,7 @@ impl StatusWriter {
             Err(e) => return Err(e),
         }
         debug!(device = %key, twins = status.twins.len(), "device status written");
-        self.written.insert(key.clone(), status);
+        self.written.insert(key.clone(), (uid, status));
         Ok(())
     }
 }
