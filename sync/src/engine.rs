@@ -52,6 +52,9 @@ struct Inner {
 /// Conflicts remembered for counting.
 const CONFLICTS_REMEMBERED: usize = 4096;
 
+/// How often an idle session refreshes its per-peer gauges.
+const IDLE_REFRESH: Duration = Duration::from_secs(5);
+
 /// A replica with its sync sessions.
 #[derive(Clone)]
 pub struct Engine {
@@ -280,12 +283,12 @@ impl Engine {
                         .pending_documents
                         .get_or_create(&label)
                         .set(slot.session.pending() as i64);
-                    if let Some(w) = slot.session.watermark_ms() {
-                        self.metrics
-                            .watermark_timestamp_seconds
-                            .get_or_create(&label)
-                            .set(w as f64 / 1000.0);
-                    }
+                    // Nothing unacknowledged: the peer is caught up to now.
+                    let w = slot.session.watermark_ms().unwrap_or(now_ms() as i64);
+                    self.metrics
+                        .watermark_timestamp_seconds
+                        .get_or_create(&label)
+                        .set(w as f64 / 1000.0);
                     msg
                 };
                 match next {
@@ -301,7 +304,11 @@ impl Engine {
                         self.metrics.sent_messages.inc();
                         self.metrics.sent_bytes.inc_by(bytes.len() as u64 + 4);
                     }
-                    None => wake.notified().await,
+                    // Idle: wake now and then to refresh the watermark, so
+                    // that a caught-up peer's watermark age stays near zero.
+                    None => {
+                        let _ = tokio::time::timeout(IDLE_REFRESH, wake.notified()).await;
+                    }
                 }
             }
         };
@@ -480,6 +487,14 @@ impl Drop for SessionSlot<'_> {
             .is_some_and(|s| s.epoch == self.epoch)
         {
             inner.peers.remove(&self.peer);
+            // A closed session has no pending documents or watermark: its
+            // series go, so that a peer gone for good raises no alert.
+            let label = PeerLabel::of(&self.peer);
+            self.engine.metrics.pending_documents.remove(&label);
+            self.engine
+                .metrics
+                .watermark_timestamp_seconds
+                .remove(&label);
         }
         self.engine
             .metrics

@@ -89,7 +89,7 @@ impl SyncMetrics {
         );
         r.register(
             "peer_watermark_timestamp_seconds",
-            "Commit time of the oldest change sent to the peer and not yet acknowledged",
+            "Commit time of the oldest change sent to the peer and not yet acknowledged (now, refreshed every few seconds, when all is acknowledged)",
             self.watermark_timestamp_seconds.clone(),
         );
         r.register(

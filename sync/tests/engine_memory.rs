@@ -62,11 +62,24 @@ async fn partition_heal_merges_concurrent_desired_values_and_counts_the_conflict
     })
     .await;
 
+    let exposition = |e: &Engine| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        e.metrics().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    };
+    assert!(exposition(&cloud).contains("outpost_sync_peer_watermark_timestamp_seconds{"));
     link.cut();
     until("the sessions to close", || {
         cloud.connected().is_empty() && edge.connected().is_empty()
     })
     .await;
+    // A closed session's per-peer series are gone (no stale watermark).
+    for e in [&cloud, &edge] {
+        let text = exposition(e);
+        assert!(!text.contains("peer=\""), "{text}");
+    }
     cloud.set_desired(&doc, "temp", "22").unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     edge.set_desired(&doc, "temp", "25").unwrap();
