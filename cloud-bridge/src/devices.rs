@@ -132,11 +132,29 @@ pub(crate) async fn run(bridge: Bridge) -> Result<(), BridgeError> {
         seen: HashMap::new(),
         published: HashMap::new(),
         warned: HashMap::new(),
+        decided: HashMap::new(),
         queue,
         retry_tx,
         retry_rx,
     };
-    tokio::try_join!(device_loop.run(device_events, model_events), writer.run()).map(|_| ())
+    // Its own task: the device loop's work never holds up the writes.
+    let mut writer = AbortOnDrop(tokio::spawn(writer.run()));
+    tokio::select! {
+        r = device_loop.run(device_events, model_events) => r,
+        r = &mut writer.0 => match r {
+            Ok(r) => r,
+            Err(_) => Err(BridgeError::Ended("the device status writer")),
+        },
+    }
+}
+
+/// Aborts a task when dropped (the bridge stopped).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Devices whose status is to be written, and the writer's wake-up.
@@ -207,6 +225,9 @@ struct DeviceLoop {
     published: HashMap<DeviceKey, HashSet<(String, String, Hlc)>>,
     /// The last warning given about each device.
     warned: HashMap<DeviceKey, String>,
+    /// The heads of each device-desired document when its values were last
+    /// decided.
+    decided: HashMap<DocId, Vec<[u8; 32]>>,
     queue: Arc<StatusQueue>,
     retry_tx: mpsc::UnboundedSender<DeviceKey>,
     retry_rx: mpsc::UnboundedReceiver<DeviceKey>,
@@ -275,11 +296,7 @@ impl DeviceLoop {
                 },
                 doc = next_doc(&mut desired_sub) => match doc? {
                     Some(doc) => self.desired_changed(&doc).await,
-                    None => {
-                        for device in self.devices.state() {
-                            self.reconcile(&device).await;
-                        }
-                    }
+                    None => self.desired_rescan().await,
                 },
                 doc = next_doc(&mut reported_sub) => match doc? {
                     Some(doc) => self.reported_changed(&doc),
@@ -405,6 +422,7 @@ impl DeviceLoop {
         };
         self.drop_model_user(key, &node, &model);
         if let Ok(doc) = convert::desired_id(&node, key) {
+            self.decided.remove(&doc);
             match self.bridge.engine.delete(&doc) {
                 Ok(_) => info!(device = %key, %node, "device documents deleted"),
                 Err(e) => warn!(%doc, error = %e, "cannot delete device-desired document"),
@@ -568,6 +586,9 @@ impl DeviceLoop {
         doc: &DocId,
     ) {
         let engine = &self.bridge.engine;
+        if let Ok(Some(entry)) = engine.with_replica(|r| r.entry(doc)) {
+            self.decided.insert(doc.clone(), entry.heads);
+        }
         let json = match engine.read_json(doc) {
             Ok(json) => json.unwrap_or_else(|| json!({})),
             Err(e) => {
@@ -706,6 +727,24 @@ impl DeviceLoop {
             .await;
         }
         self.queue.mark(key.clone());
+    }
+
+    /// After a lagged subscription: decides again the device-desired
+    /// documents whose heads moved since last decided (an index scan, not a
+    /// read of every document: reports of many devices arriving at once make
+    /// the shared subscription lag routinely).
+    async fn desired_rescan(&mut self) {
+        let prefix = format!("{}/", DocKind::DeviceDesired.as_str());
+        let moved: Vec<DocId> = self.bridge.engine.with_replica(|r| {
+            r.scan_prefix(&prefix)
+                .filter_map(Result::ok)
+                .filter(|(doc, entry)| self.decided.get(doc) != Some(&entry.heads))
+                .map(|(doc, _)| doc)
+                .collect()
+        });
+        for doc in moved {
+            self.desired_changed(&doc).await;
+        }
     }
 
     /// A device-desired document changed (an edge's write arrived, or our

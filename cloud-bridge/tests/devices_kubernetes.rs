@@ -848,3 +848,99 @@ async fn malformed_devices_get_a_warning_and_the_bridge_goes_on() {
     assert!(!s.task.is_finished(), "the bridge still runs");
     s.cleanup().await;
 }
+
+// Several threads: the edge's and the bridge's replicas work hard here, and
+// on one thread their work would delay the writer's API calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_devices_reporting_every_second_stay_within_the_rate() {
+    use futures::StreamExt as _;
+    const DEVICES: usize = 1000;
+    const SECONDS: usize = 10;
+    const RATE: f64 = 20.0;
+    let s = Setup::start(
+        "devmany",
+        None,
+        BridgeConfig {
+            device_status_writes_per_s: RATE,
+            ..fast()
+        },
+    )
+    .await;
+    s.create_yaml(
+        "apiVersion: devices.kubeedge.io/v1beta1\nkind: DeviceModel\nmetadata: {name: thermo-model}\nspec:\n  protocol: modbus\n  properties:\n  - {name: temp, type: INT}\n",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let created: Vec<Result<(), kube::Error>> = futures::stream::iter(0..DEVICES)
+        .map(|i| {
+            let yaml = device_yaml(&format!("d{i}"), &s.node, "thermo-model", "30");
+            let s = &s;
+            async move { s.create_yaml(&yaml).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(created.iter().all(Result::is_ok));
+    let prefix = format!("device-desired/{}/", s.node);
+    until(
+        "every device at the edge",
+        Duration::from_secs(120),
+        async || {
+            let n = s.edge.with_replica(|r| r.scan_prefix(&prefix).count());
+            (n == DEVICES).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "{DEVICES} Devices created and at the edge in {:?}",
+        started.elapsed()
+    );
+
+    let before = s.bridge.device_status_writes();
+    let started = Instant::now();
+    for second in 0..SECONDS {
+        let items: Vec<(DocId, serde_json::Value)> = (0..DEVICES)
+            .map(|i| {
+                let doc = DeviceReportedDoc {
+                    state: "online".into(),
+                    last_online_ms: Some(now_ms()),
+                    twins: [(
+                        "temp".to_owned(),
+                        ReportedValue {
+                            value: format!("{second}"),
+                            timestamp_ms: now_ms(),
+                            kind: Some("INT".into()),
+                            observed_desired: None,
+                        },
+                    )]
+                    .into(),
+                };
+                (
+                    s.reported_doc(&format!("d{i}")),
+                    serde_json::to_value(doc).unwrap(),
+                )
+            })
+            .collect();
+        s.edge.write_many(&items).unwrap();
+        tokio::time::sleep_until(started + Duration::from_secs(second as u64 + 1)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let writes = s.bridge.device_status_writes() - before;
+    let statuses = s.statuses().list(&ListParams::default()).await.unwrap();
+    eprintln!(
+        "{DEVICES} devices x {SECONDS} reports (one a second) -> {writes} API writes in {elapsed:.1} s ({:.1}/s, limit {RATE}/s); {} DeviceStatus objects so far",
+        writes as f64 / elapsed,
+        statuses.items.len()
+    );
+    // Clean up first: a thousand Devices left behind would load every later test.
+    s.cleanup().await;
+    assert!(
+        writes as f64 <= RATE * elapsed + RATE + 1.0,
+        "{writes} writes in {elapsed:.1} s exceed {RATE}/s"
+    );
+    assert!(
+        writes as f64 >= RATE * elapsed * 0.5,
+        "the writer keeps going: {writes} writes in {elapsed:.1} s"
+    );
+}
