@@ -7,6 +7,7 @@
 //! sessions from known peers.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_sync::PeerId;
@@ -14,12 +15,15 @@ use outpost_sync::access::{Role, Roster};
 use outpost_sync::engine::Engine;
 use outpost_sync::metrics::SyncMetrics;
 use outpost_sync::replica::{Replica, ReplicaOptions};
+use prometheus_client::registry::Registry;
 use tokio::task::JoinSet;
 use tracing::info;
 
+use crate::api::ApiState;
 use crate::config::Config;
 use crate::cri::CriClient;
 use crate::eventbus::{EventBus, EventBusConfig};
+use crate::metrics::EdgeMetrics;
 use crate::pods::{PodManager, PodManagerConfig};
 use crate::twins::{TwinConfig, TwinManager, TwinView};
 
@@ -44,7 +48,20 @@ pub enum StartError {
     /// The iroh endpoint could not be bound.
     #[error(transparent)]
     Bind(#[from] outpost_sync::transport::iroh::BindError),
+    /// The local API's address could not be bound.
+    #[error("cannot listen on {addr} for the local API (set api_listen, or off): {source}")]
+    Api {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// The file in the data dir holding the local API's address, for
+/// `outpost-edge status`.
+pub const API_ADDR_FILE: &str = "api-addr";
 
 /// A running agent.
 pub struct Agent {
@@ -99,7 +116,10 @@ impl Agent {
                 backoff: config.backoff(),
             },
         );
-        let twins = TwinManager::spawn(engine.clone(), TwinConfig::new(config.node_name.clone()));
+        let metrics = EdgeMetrics::default();
+        let mut twin_config = TwinConfig::new(config.node_name.clone());
+        twin_config.mapper_metrics = Some(metrics.mappers.clone());
+        let twins = TwinManager::spawn(engine.clone(), twin_config);
         let eventbus = config.mqtt.as_ref().map(|(host, port)| {
             EventBus::spawn(
                 engine.clone(),
@@ -120,6 +140,33 @@ impl Agent {
             config.node_ip.clone(),
             Duration::from_secs(config.heartbeat_s),
         ));
+        if let Some(addr) = config.api_listen {
+            let listener = crate::api::bind(addr)
+                .await
+                .map_err(|source| StartError::Api { addr, source })?;
+            if let Ok(bound) = listener.local_addr()
+                && let Err(e) =
+                    std::fs::write(config.data_dir.join(API_ADDR_FILE), bound.to_string())
+            {
+                tracing::warn!(error = %e, "cannot record the local API's address in the data dir");
+            }
+            let mut registry = Registry::default();
+            metrics.register(&mut registry, &engine);
+            let state = ApiState {
+                engine: engine.clone(),
+                twins: twins.view(),
+                node: config.node_name.clone(),
+                site: config.site.clone(),
+                peers: cloud.iter().map(|c| PeerId::from(c.id)).collect(),
+                metrics,
+                registry: Arc::new(registry),
+            };
+            tasks.spawn(async move {
+                if let Err(e) = crate::api::serve(listener, state).await {
+                    tracing::warn!(error = %e, "the local API stopped");
+                }
+            });
+        }
         let mut endpoint = None;
         if let Some(cloud) = cloud {
             let ep = outpost_sync::transport::iroh::bind(key, config.listen).await?;

@@ -60,6 +60,18 @@ fn parse_mqtt(text: &str) -> Result<Option<(String, u16)>, ConfigError> {
     Ok(Some((host.to_owned(), port)))
 }
 
+/// `ip:port` or `off`.
+fn parse_api_listen(text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| ConfigError::Invalid {
+        name: "api_listen",
+        reason: format!("{text:?} is not ip:port or off"),
+    })
+}
+
 /// The settings of `outpost-edge run` as flags and environment variables.
 /// Each is optional: what is not given comes from the file, then from the
 /// default.
@@ -115,6 +127,10 @@ pub struct RunArgs {
     /// `off` [default: 127.0.0.1:1883].
     #[arg(long, env = "OUTPOST_MQTT")]
     pub mqtt: Option<String>,
+    /// Address of the local API and /metrics, as `ip:port`, or `off`
+    /// [default: 127.0.0.1:10550].
+    #[arg(long, env = "OUTPOST_API_LISTEN")]
+    pub api_listen: Option<String>,
 }
 
 /// The configuration file: every setting optional, no unknown names.
@@ -151,6 +167,8 @@ pub struct FileConfig {
     pub backoff_reset_s: Option<u64>,
     /// See [`RunArgs::mqtt`].
     pub mqtt: Option<String>,
+    /// See [`RunArgs::api_listen`].
+    pub api_listen: Option<String>,
 }
 
 /// The effective configuration of an agent.
@@ -186,6 +204,8 @@ pub struct Config {
     pub backoff_reset_s: u64,
     /// The event bus's broker (`host`, `port`), or `None` when off.
     pub mqtt: Option<(String, u16)>,
+    /// The local API's address, or `None` when off.
+    pub api_listen: Option<SocketAddr>,
 }
 
 /// Why the configuration could not be built.
@@ -300,6 +320,12 @@ impl Config {
             backoff_max_ms: a.backoff_max_ms.or(file.backoff_max_ms).unwrap_or(300_000),
             backoff_reset_s: a.backoff_reset_s.or(file.backoff_reset_s).unwrap_or(600),
             mqtt: parse_mqtt(a.mqtt.or(file.mqtt).as_deref().unwrap_or(DEFAULT_MQTT))?,
+            api_listen: parse_api_listen(
+                a.api_listen
+                    .or(file.api_listen)
+                    .as_deref()
+                    .unwrap_or(crate::api::DEFAULT_API_LISTEN),
+            )?,
         };
         for (name, value) in [
             ("heartbeat_s", config.heartbeat_s),
@@ -387,5 +413,37 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::merge(&args, FileConfig::default()).is_err());
+        for (mqtt, api) in [
+            ("nohost", "off"),
+            ("h:99999", "off"),
+            ("off", "10550"),
+            ("off", "x:1"),
+        ] {
+            let args = RunArgs {
+                node_name: Some("n".into()),
+                mqtt: Some(mqtt.into()),
+                api_listen: Some(api.into()),
+                ..Default::default()
+            };
+            let e = Config::merge(&args, FileConfig::default()).unwrap_err();
+            assert!(
+                e.to_string().contains("mqtt") || e.to_string().contains("api_listen"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn event_bus_and_api_default_to_loopback_and_can_be_turned_off() {
+        let args = RunArgs {
+            node_name: Some("n".into()),
+            ..Default::default()
+        };
+        let c = Config::merge(&args, FileConfig::default()).unwrap();
+        assert_eq!(c.mqtt, Some(("127.0.0.1".into(), 1883)));
+        assert_eq!(c.api_listen, Some("127.0.0.1:10550".parse().unwrap()));
+        let file: FileConfig = toml::from_str("mqtt = \"off\"\napi_listen = \"off\"").unwrap();
+        let c = Config::merge(&args, file).unwrap();
+        assert_eq!((c.mqtt, c.api_listen), (None, None));
     }
 }

@@ -19,13 +19,17 @@
 //!   probes, volumes, status, deletion, adoption after restarts);
 //! - [`node`]: the node heartbeat and status;
 //! - [`twins`]: device twins over in-process mapper drivers;
-//! - [`eventbus`]: KubeEdge's MQTT event bus over the twins.
+//! - [`eventbus`]: KubeEdge's MQTT event bus over the twins;
+//! - [`api`]: the local read API and `/metrics`, on loopback;
+//! - [`metrics`]: pod, device and mapper metrics.
 
 pub mod agent;
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod cri;
 pub mod eventbus;
+pub mod metrics;
 pub mod node;
 pub mod pods;
 pub mod twins;

@@ -32,6 +32,25 @@ enum Command {
     /// this node's key (kept in the data dir, created if missing). Then
     /// start the agent with `run --cloud <the same address>`.
     Join(JoinArgs),
+    /// Print the running agent's peers, connection state and sync backlog,
+    /// its pods and its devices, as tables (read from its local API, so it
+    /// works offline).
+    Status(StatusArgs),
+}
+
+/// Arguments of `outpost-edge status`.
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The agent's data dir: its local API address is read from there.
+    #[arg(long, env = "OUTPOST_DATA_DIR", default_value = "/var/lib/outpost")]
+    data_dir: std::path::PathBuf,
+    /// The local API's address, instead of the one in the data dir
+    /// [default: the data dir's, else 127.0.0.1:10550].
+    #[arg(long)]
+    api: Option<std::net::SocketAddr>,
+    /// Print the API's JSON as it is.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Arguments of `outpost-edge join`.
@@ -61,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Join(args) => join(args).await,
+        Command::Status(args) => status(args).await,
         Command::Config(args) => {
             let config = Config::resolve(&args)?;
             print!("{}", toml::to_string(&config)?);
@@ -111,4 +131,169 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
             anyhow::bail!("the cloud refused this node ({reason}): {message}")
         }
     }
+}
+
+/// GET `path` from the local API.
+async fn api_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| {
+            format!("the agent's local API at {addr} does not answer; is outpost-edge running?")
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let code = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    anyhow::ensure!(code.is_success(), "{path}: {code}: {text}");
+    Ok(text)
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use serde_json::Value;
+    let addr = match args.api {
+        Some(addr) => addr,
+        None => {
+            std::fs::read_to_string(args.data_dir.join(outpost_edge_node::agent::API_ADDR_FILE))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or_else(|| ([127, 0, 0, 1], 10550).into())
+        }
+    };
+    let text = api_get(addr, "/api/v1/status").await?;
+    if args.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let v: Value = serde_json::from_str(&text)?;
+    let s = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!("node {}  (key {})\n", s(&v["node"]), s(&v["id"]));
+    let empty = Vec::new();
+    let peers: Vec<Vec<String>> = v["peers"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|p| {
+            vec![
+                s(&p["peer"]).chars().take(16).collect(),
+                if p["connected"] == true {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .to_owned(),
+                s(&p["pending"]),
+                p["oldest_unacked_age_ms"]
+                    .as_i64()
+                    .map_or("-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+            ]
+        })
+        .collect();
+    if peers.is_empty() {
+        println!("no cloud configured: running alone\n");
+    } else {
+        print!(
+            "{}",
+            table(
+                &[
+                    "PEER",
+                    "STATE",
+                    "PENDING",
+                    "SYNC LAG (oldest unacknowledged)"
+                ],
+                &peers
+            )
+        );
+        println!();
+    }
+    let pods: Vec<Vec<String>> = v["pods"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|p| {
+            vec![
+                s(&p["namespace"]),
+                s(&p["name"]),
+                s(&p["phase"]),
+                s(&p["ready"]),
+                s(&p["restarts"]),
+                s(&p["reason"]),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["NAMESPACE", "POD", "PHASE", "READY", "RESTARTS", "REASON"],
+            &pods
+        )
+    );
+    println!();
+    let devices: Vec<Vec<String>> = v["devices"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|d| {
+            let props = d["properties"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, p)| {
+                            let actual = s(&p["actual"]);
+                            match &p["desired"] {
+                                Value::String(want) if *want != actual => {
+                                    format!("{k}={actual} (desired {want})")
+                                }
+                                _ => format!("{k}={actual}"),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            vec![s(&d["id"]), s(&d["protocol"]), s(&d["state"]), props]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["DEVICE", "PROTOCOL", "STATE", "PROPERTIES"], &devices)
+    );
+    Ok(())
 }

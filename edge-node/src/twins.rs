@@ -58,6 +58,8 @@ pub struct TwinConfig {
     pub retry_max: Duration,
     /// How often the documents are re-read even without a change.
     pub resync_interval: Duration,
+    /// Where the drivers' operations are counted, if anywhere.
+    pub mapper_metrics: Option<crate::metrics::MapperMetrics>,
 }
 
 impl TwinConfig {
@@ -68,6 +70,7 @@ impl TwinConfig {
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
             resync_interval: Duration::from_secs(30),
+            mapper_metrics: None,
         }
     }
 }
@@ -568,8 +571,13 @@ impl Manager {
             twin.last_online_ms = prev.twin.last_online_ms.or(twin.last_online_ms);
         }
         let handle = match built {
-            Ok((driver, run)) => {
+            Ok((driver, mut run)) => {
                 collect = run.collect_cycle;
+                run.observer = self
+                    .config
+                    .mapper_metrics
+                    .as_ref()
+                    .map(|m| m.observer(&twin.protocol));
                 info!(device = %id, protocol = %twin.protocol, "serving device");
                 Some(device::spawn(id, driver, run, self.reports_tx.clone()))
             }

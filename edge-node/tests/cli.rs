@@ -5,12 +5,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/http.rs"]
+mod http;
 #[path = "support/edge.rs"]
 mod support;
 
 use std::process::Command;
 use std::time::Duration;
 
+use http::{http_get, http_get_first_line};
 use k8s_cri::v1 as cri;
 use outpost_edge_node::agent::open_replica;
 use outpost_edge_node::cri::CriClient;
@@ -185,6 +188,7 @@ async fn run_starts_pods_from_the_replica_heartbeats_and_stops_on_sigterm() {
         .args(["--pause-image", &env("OUTPOST_PAUSE_IMAGE")])
         .arg("--pod-log-dir")
         .arg(dir.join("logs"))
+        .args(["--api-listen", "127.0.0.1:0", "--mqtt", "off"])
         .spawn()
         .unwrap();
 
@@ -218,6 +222,46 @@ async fn run_starts_pods_from_the_replica_heartbeats_and_stops_on_sigterm() {
     }
     assert!(running, "the pod's container runs");
     tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The local API, its metrics and `outpost-edge status`, with no cloud.
+    let api: std::net::SocketAddr = std::fs::read_to_string(dir.join("api-addr"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pods = http_get(api, "/api/v1/pods").await;
+    assert!(
+        pods.contains("\"kind\":\"PodList\"") && pods.contains("\"name\":\"bin\""),
+        "{pods}"
+    );
+    let metrics = http_get(api, "/metrics").await;
+    for line in [
+        "outpost_edge_pods{phase=\"Running\"} 1",
+        "outpost_edge_devices{state=\"online\"} 0",
+        "outpost_sync_connected_peers 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    let watch = http_get_first_line(api, "/api/v1/pods?watch=true").await;
+    assert!(
+        watch.starts_with("{\"object\"") || watch.contains("\"type\":\"ADDED\""),
+        "{watch}"
+    );
+    let out = edge()
+        .arg("status")
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("node {node}")), "{text}");
+    assert!(text.contains("no cloud configured"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("bin") && l.contains("Running") && l.contains("1/1")),
+        "{text}"
+    );
+    assert!(text.contains("DEVICE"), "{text}");
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

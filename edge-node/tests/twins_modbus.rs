@@ -19,12 +19,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/http.rs"]
+mod http;
 #[path = "support/twins.rs"]
 mod support;
 
 use std::time::Duration;
 
-use outpost_edge_node::twins::{LocalWriteError, set_local_desired};
+use http::http_get;
+use outpost_edge_node::api::{self, ApiState};
+use outpost_edge_node::metrics::EdgeMetrics;
+use outpost_edge_node::twins::{LocalWriteError, TwinConfig, TwinManager, set_local_desired};
 use outpost_mappers::test_utils::SimProcess;
 use outpost_sync::desired;
 use outpost_sync::document::DocKind;
@@ -35,7 +40,10 @@ async fn a_device_from_the_cloud_is_read_and_its_desired_value_applied() {
     let sim = SimProcess::start("modbus_device.py", &[]).await.unwrap();
     let fleet = Fleet::new("twin-read");
     let _link = fleet.connect();
-    let twins = fleet.twins();
+    let metrics = EdgeMetrics::default();
+    let mut config = TwinConfig::new(fleet.node.clone());
+    config.mapper_metrics = Some(metrics.mappers.clone());
+    let twins = TwinManager::spawn(fleet.edge.clone(), config);
     fleet.put_device("thermo", "modbus", sim.addr().port());
     let desired = fleet.id(DocKind::DeviceDesired, &["default", "thermo"]);
     fleet.cloud.set_desired(&desired, "fan", "4").unwrap();
@@ -59,6 +67,38 @@ async fn a_device_from_the_cloud_is_read_and_its_desired_value_applied() {
     assert_eq!(twin.properties["fan"].desired.as_deref(), Some("4"));
     assert_eq!(twin.properties["fan"].applied.as_deref(), Some("4"));
     assert!(!twin.properties["measured"].writable);
+
+    // The local API lists the device; the metrics count its reads.
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry, &fleet.edge);
+    let state = ApiState {
+        engine: fleet.edge.clone(),
+        twins: twins.view(),
+        node: fleet.node.clone(),
+        site: None,
+        peers: vec![fleet.cloud.me()],
+        metrics,
+        registry: std::sync::Arc::new(registry),
+    };
+    let listener = api::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(api::serve(listener, state));
+    let devices = http_get(addr, "/api/v1/devices").await;
+    let devices: serde_json::Value = serde_json::from_str(&devices).unwrap();
+    assert_eq!(devices["items"][0]["name"], "thermo", "{devices}");
+    assert_eq!(devices["items"][0]["properties"]["fan"]["applied"], "4");
+    let text = http_get(addr, "/metrics").await;
+    for want in [
+        "outpost_edge_devices{state=\"online\"} 1",
+        "outpost_mapper_operation_duration_seconds_count{protocol=\"modbus\",op=\"read\"}",
+        "outpost_mapper_operation_duration_seconds_count{protocol=\"modbus\",op=\"write\"}",
+    ] {
+        assert!(text.contains(want), "{want} in {text}");
+    }
+    let status = http_get(addr, "/api/v1/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["peers"][0]["connected"], true, "{status}");
+    assert_eq!(status["devices"][0]["state"], "online", "{status}");
 
     // Reported values keep flowing: the setpoint changes on the device.
     fleet.cloud.set_desired(&desired, "setpoint", "23").unwrap();

@@ -8,6 +8,7 @@
 //! fresher ones, while state changes wait for room because a lost "offline"
 //! would leave a stale state behind.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -50,6 +51,44 @@ pub struct RunConfig {
     pub backoff_max: Duration,
     /// Seed of the jitter (vary it per device).
     pub seed: u64,
+    /// Told of every connect, read and write, for metrics.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// An operation of a device task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Connecting to the device.
+    Connect,
+    /// Reading every property once.
+    Read,
+    /// Writing a property.
+    Write,
+}
+
+impl Op {
+    /// Its name as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Read => "read",
+            Self::Write => "write",
+        }
+    }
+}
+
+/// Watches a device task's operations (how long each took, whether it
+/// failed), e.g. to count them in metrics. Called on the device's task:
+/// keep it quick.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// One operation ended; `ok` is false when it or any property in it failed.
+    fn observe(&self, op: Op, elapsed: Duration, ok: bool);
+}
+
+fn observe(config: &RunConfig, op: Op, started: Instant, ok: bool) {
+    if let Some(o) = &config.observer {
+        o.observe(op, started.elapsed(), ok);
+    }
 }
 
 impl Default for RunConfig {
@@ -59,6 +98,7 @@ impl Default for RunConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             seed: 0,
+            observer: None,
         }
     }
 }
@@ -183,7 +223,10 @@ async fn run<D: Driver>(
     });
     loop {
         if !driver.is_connected() && Instant::now() >= next_connect {
-            match driver.connect().await {
+            let started = Instant::now();
+            let connected = driver.connect().await;
+            observe(&config, Op::Connect, started, connected.is_ok());
+            match connected {
                 // The backoff is reset by a successful read, not by the
                 // connect: a device that accepts connections but never
                 // answers must still be retried ever more slowly.
@@ -202,7 +245,15 @@ async fn run<D: Driver>(
         let connected = driver.is_connected();
         tokio::select! {
             _ = tick.tick(), if connected => {
-                match driver.read().await {
+                let started = Instant::now();
+                let read = driver.read().await;
+                observe(
+                    &config,
+                    Op::Read,
+                    started,
+                    read.as_ref().is_ok_and(|r| r.iter().all(|r| r.value.is_ok())),
+                );
+                match read {
                     Ok(readings) => {
                         backoff.reset();
                         if let Err(mpsc::error::TrySendError::Full(_)) =
@@ -251,7 +302,10 @@ async fn run<D: Driver>(
                     return;
                 };
                 let result = if driver.is_connected() {
-                    driver.write(&property, &value).await
+                    let started = Instant::now();
+                    let result = driver.write(&property, &value).await;
+                    observe(&config, Op::Write, started, result.is_ok());
+                    result
                 } else {
                     // Check the value anyway, so a bad write is refused
                     // for what it is rather than for the connection.

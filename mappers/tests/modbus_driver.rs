@@ -418,6 +418,7 @@ async fn a_device_that_disappears_goes_offline_and_comes_back_online() {
         backoff_base: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         seed: 1,
+        observer: None,
     };
     let handle = device::spawn("default/thermo", driver, run, tx);
     let state = async |rx: &mut mpsc::Receiver<Report>, want: DeviceState| {

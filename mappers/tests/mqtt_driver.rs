@@ -229,6 +229,7 @@ async fn resubscribes_after_the_broker_comes_back() {
         backoff_base: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
         seed: 5,
+        observer: None,
     };
     let _handle = device::spawn("default/mqtt", driver, run, tx);
     let state = async |rx: &mut mpsc::Receiver<Report>, want: DeviceState| {

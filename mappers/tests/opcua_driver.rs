@@ -190,6 +190,7 @@ async fn subscriptions_survive_a_server_restart() {
         backoff_base: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
         seed: 3,
+        observer: None,
     };
     let handle = device::spawn("default/opc", driver, run, tx);
     let first = change_of(&mut rx, "counter", Duration::from_secs(10)).await;

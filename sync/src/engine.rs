@@ -129,6 +129,11 @@ impl Engine {
         self.lock().peers.keys().copied().collect()
     }
 
+    /// Documents waiting to be pushed to `peer`; `None` when not connected.
+    pub fn pending(&self, peer: &PeerId) -> Option<usize> {
+        self.lock().peers.get(peer).map(|p| p.session.pending())
+    }
+
     /// Commit time (ms) of the oldest change sent to `peer` and not acknowledged.
     pub fn watermark_ms(&self, peer: &PeerId) -> Option<i64> {
         self.lock()
