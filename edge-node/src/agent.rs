@@ -140,6 +140,14 @@ impl Agent {
             config.node_ip.clone(),
             Duration::from_secs(config.heartbeat_s),
         ));
+        if let Some(socket) = config.dmi_socket.clone() {
+            let view = twins.view();
+            tasks.spawn(async move {
+                if let Err(e) = crate::dmi::serve(view, socket).await {
+                    tracing::warn!(error = %e, "the DMI service for external mappers stopped");
+                }
+            });
+        }
         if let Some(addr) = config.api_listen {
             let listener = crate::api::bind(addr)
                 .await

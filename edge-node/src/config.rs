@@ -131,6 +131,11 @@ pub struct RunArgs {
     /// [default: 127.0.0.1:10550].
     #[arg(long, env = "OUTPOST_API_LISTEN")]
     pub api_listen: Option<String>,
+    /// Unix socket where external mappers register over KubeEdge's DMI
+    /// (e.g. /etc/kubeedge/dmi.sock) [default: none; devices are served
+    /// in-process].
+    #[arg(long, env = "OUTPOST_DMI_SOCKET")]
+    pub dmi_socket: Option<PathBuf>,
 }
 
 /// The configuration file: every setting optional, no unknown names.
@@ -169,6 +174,8 @@ pub struct FileConfig {
     pub mqtt: Option<String>,
     /// See [`RunArgs::api_listen`].
     pub api_listen: Option<String>,
+    /// See [`RunArgs::dmi_socket`].
+    pub dmi_socket: Option<PathBuf>,
 }
 
 /// The effective configuration of an agent.
@@ -206,6 +213,8 @@ pub struct Config {
     pub mqtt: Option<(String, u16)>,
     /// The local API's address, or `None` when off.
     pub api_listen: Option<SocketAddr>,
+    /// The DMI socket for external mappers, if any.
+    pub dmi_socket: Option<PathBuf>,
 }
 
 /// Why the configuration could not be built.
@@ -326,6 +335,7 @@ impl Config {
                     .as_deref()
                     .unwrap_or(crate::api::DEFAULT_API_LISTEN),
             )?,
+            dmi_socket: a.dmi_socket.or(file.dmi_socket),
         };
         for (name, value) in [
             ("heartbeat_s", config.heartbeat_s),

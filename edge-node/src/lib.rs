@@ -20,6 +20,7 @@
 //! - [`node`]: the node heartbeat and status;
 //! - [`twins`]: device twins over in-process mapper drivers;
 //! - [`eventbus`]: KubeEdge's MQTT event bus over the twins;
+//! - [`dmi`]: KubeEdge's DMI DeviceManagerService, for external mappers;
 //! - [`api`]: the local read API and `/metrics`, on loopback;
 //! - [`metrics`]: pod, device and mapper metrics.
 
@@ -28,6 +29,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod cri;
+pub mod dmi;
 pub mod eventbus;
 pub mod metrics;
 pub mod node;

@@ -29,9 +29,11 @@
 //! published as a [`TwinView`] for the MQTT event bus and the local API.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use outpost_mappers::device::{self, DeviceHandle, DeviceSender, Report};
+use outpost_mappers::dmi::v1beta1;
 use outpost_mappers::driver::{DeviceState, Reading, WriteError};
 use outpost_mappers::property::{PropertySpec, Value};
 use outpost_mappers::spec::{self, DeviceSpec, ModelSpec, PropertyBinding};
@@ -40,7 +42,7 @@ use outpost_sync::engine::Engine;
 use outpost_sync::replica::{Scope, SubscriptionError};
 use outpost_sync::schema::{DeviceDesiredDoc, DeviceModelDoc, DeviceReportedDoc, ReportedValue};
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
@@ -133,6 +135,7 @@ pub struct TwinView {
     twins: watch::Receiver<Twins>,
     changes: broadcast::Sender<String>,
     reports: mpsc::Sender<Report>,
+    control: mpsc::Sender<Control>,
 }
 
 impl TwinView {
@@ -155,6 +158,31 @@ impl TwinView {
     /// A watch of the whole map (wakes on every change).
     pub fn watch(&self) -> watch::Receiver<Twins> {
         self.twins.clone()
+    }
+
+    /// Hands the devices of `protocol` to the external mapper at `socket`
+    /// (from now on, until the agent restarts) and returns them, with their
+    /// models, as DMI messages.
+    pub(crate) async fn register_mapper(
+        &self,
+        protocol: &str,
+        socket: PathBuf,
+    ) -> Option<(Vec<v1beta1::DeviceModel>, Vec<v1beta1::Device>)> {
+        let (reply, answer) = oneshot::channel();
+        self.control
+            .send(Control::Register {
+                protocol: protocol.to_ascii_lowercase(),
+                socket,
+                reply,
+            })
+            .await
+            .ok()?;
+        answer.await.ok()
+    }
+
+    /// A report from an external mapper, taken as a driver's.
+    pub(crate) async fn report(&self, report: Report) {
+        let _ = self.reports.send(report).await;
     }
 
     /// A value of a property reported by a local app (KubeEdge's twin
@@ -207,10 +235,12 @@ impl TwinManager {
         let (twins_tx, twins_rx) = watch::channel(Twins::new());
         let (changes, _) = broadcast::channel(1024);
         let (reports_tx, reports_rx) = mpsc::channel(1024);
+        let (control_tx, control_rx) = mpsc::channel(16);
         let view = TwinView {
             twins: twins_rx,
             changes: changes.clone(),
             reports: reports_tx.clone(),
+            control: control_tx,
         };
         let mut tasks = JoinSet::new();
         tasks.spawn(run(
@@ -219,6 +249,7 @@ impl TwinManager {
             twins_tx,
             changes,
             (reports_tx, reports_rx),
+            control_rx,
         ));
         Self { tasks, view }
     }
@@ -256,6 +287,11 @@ struct Running {
     /// What the driver was built from: a change restarts it.
     fingerprint: String,
     handle: Option<DeviceHandle>,
+    /// The socket of the external mapper serving it, instead of a driver.
+    external: Option<PathBuf>,
+    /// The documents it was started from (for the external mapper's messages).
+    desired_doc: DeviceDesiredDoc,
+    model_doc: Option<DeviceModelDoc>,
     twin: DeviceTwin,
     report_every: Duration,
     next_report: Instant,
@@ -265,16 +301,34 @@ struct Running {
     pending: HashMap<String, Pending>,
 }
 
-struct WriteDone {
-    device: String,
-    property: String,
-    value: String,
-    result: Result<(), WriteError>,
+/// The end of a desired-value write.
+pub(crate) struct WriteDone {
+    pub(crate) device: String,
+    pub(crate) property: String,
+    pub(crate) value: String,
+    pub(crate) result: Result<(), WriteError>,
+}
+
+/// Requests to the manager from the DMI server.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// An external mapper registered for a protocol: its devices move to it;
+    /// the reply carries them (and their models) as DMI messages.
+    Register {
+        protocol: String,
+        socket: PathBuf,
+        reply: oneshot::Sender<(Vec<v1beta1::DeviceModel>, Vec<v1beta1::Device>)>,
+    },
 }
 
 struct Manager {
     engine: Engine,
     config: TwinConfig,
+    /// External mappers by protocol (lower case): their sockets.
+    externals: HashMap<String, PathBuf>,
+    /// Whether devices (re)started now are announced to their external
+    /// mapper (not while answering its registration).
+    announce: bool,
     devices: BTreeMap<String, Running>,
     reports_tx: mpsc::Sender<Report>,
     done_tx: mpsc::Sender<WriteDone>,
@@ -288,6 +342,7 @@ async fn run(
     twins: watch::Sender<Twins>,
     changes: broadcast::Sender<String>,
     (reports_tx, mut reports_rx): (mpsc::Sender<Report>, mpsc::Receiver<Report>),
+    mut control_rx: mpsc::Receiver<Control>,
 ) {
     let mut sub = engine.with_replica(|r| {
         r.subscribe_scope(
@@ -304,6 +359,8 @@ async fn run(
     let mut m = Manager {
         engine,
         config,
+        externals: HashMap::new(),
+        announce: true,
         devices: BTreeMap::new(),
         reports_tx,
         done_tx,
@@ -335,6 +392,7 @@ async fn run(
                 }
             },
             Some(report) = reports_rx.recv() => m.on_report(report),
+            Some(control) = control_rx.recv() => m.on_control(control),
             Some(done) = done_rx.recv() => m.on_write_done(done),
             _ = tick.tick() => m.on_tick(),
         }
@@ -532,6 +590,7 @@ impl Manager {
             .ok()
             .flatten();
         let mut collect = Duration::from_secs(1);
+        let model_doc = model.as_ref().ok().cloned();
         let built = model.and_then(|model| {
             let props = model_properties(&model)?;
             let (device, mut model_spec) = specs(desired, &model);
@@ -570,7 +629,16 @@ impl Manager {
             }
             twin.last_online_ms = prev.twin.last_online_ms.or(twin.last_online_ms);
         }
+        let mut external = self
+            .externals
+            .get(&twin.protocol.to_ascii_lowercase())
+            .cloned();
         let handle = match built {
+            Ok(_) if external.is_some() => {
+                // Checked here, served there.
+                info!(device = %id, protocol = %twin.protocol, "device served by an external mapper");
+                None
+            }
             Ok((driver, mut run)) => {
                 collect = run.collect_cycle;
                 run.observer = self
@@ -582,6 +650,7 @@ impl Manager {
                 Some(device::spawn(id, driver, run, self.reports_tx.clone()))
             }
             Err(reason) => {
+                external = None;
                 warn!(device = %id, %reason, "device cannot be served");
                 twin.state = DeviceState::Offline.as_str().into();
                 twin.error = Some(reason);
@@ -595,12 +664,22 @@ impl Manager {
             .map(|p| p.name.clone())
             .collect();
         let report_every = report_cycle(desired, collect);
+        if let (Some(socket), Some(model), true) = (&external, &model_doc, self.announce) {
+            let messages = (
+                crate::dmi::model_proto(model),
+                crate::dmi::device_proto(desired, &BTreeMap::new()),
+            );
+            crate::dmi::send_register(socket.clone(), messages);
+        }
         self.devices.insert(
             id.to_owned(),
             Running {
                 ids,
                 fingerprint,
                 handle,
+                external,
+                desired_doc: desired.clone(),
+                model_doc,
                 twin,
                 report_every,
                 next_report: Instant::now(),
@@ -617,6 +696,13 @@ impl Manager {
         };
         if let Some(h) = &dev.handle {
             h.stop();
+        }
+        if let Some(socket) = &dev.external {
+            crate::dmi::send_remove(
+                socket.clone(),
+                dev.twin.namespace.clone(),
+                dev.twin.name.clone(),
+            );
         }
         info!(device = %id, "device removed from this node: driver stopped");
         if let Err(e) = self.engine.delete(&dev.ids.reported) {
@@ -674,10 +760,38 @@ impl Manager {
         let Some(dev) = self.devices.get_mut(id) else {
             return;
         };
+        let now = Instant::now();
+        if let Some(socket) = dev.external.clone() {
+            if !self.announce {
+                return;
+            }
+            // One UpdateDevice carries every desired value; the mapper
+            // writes those new to it.
+            let due: Vec<(String, String)> = dev
+                .pending
+                .iter_mut()
+                .filter(|(_, p)| !p.refused && p.retry_at.is_some_and(|at| at <= now))
+                .map(|(name, p)| {
+                    p.retry_at = None;
+                    p.attempts += 1;
+                    (name.clone(), p.value.clone())
+                })
+                .collect();
+            if !due.is_empty() {
+                let desired: BTreeMap<String, String> = dev
+                    .twin
+                    .properties
+                    .iter()
+                    .filter_map(|(n, p)| Some((n.clone(), p.desired.clone()?)))
+                    .collect();
+                let message = crate::dmi::device_proto(&dev.desired_doc, &desired);
+                crate::dmi::send_update(socket, id.to_owned(), message, due, self.done_tx.clone());
+            }
+            return;
+        }
         let Some(sender) = dev.handle.as_ref().map(DeviceHandle::sender) else {
             return;
         };
-        let now = Instant::now();
         for (name, pending) in dev.pending.iter_mut() {
             if pending.refused || pending.retry_at.is_none_or(|at| at > now) {
                 continue;
@@ -799,6 +913,73 @@ impl Manager {
                 self.write_reported(&device);
                 self.start_due_writes(&device);
                 self.publish(&device);
+            }
+        }
+    }
+
+    fn on_control(&mut self, control: Control) {
+        match control {
+            Control::Register {
+                protocol,
+                socket,
+                reply,
+            } => {
+                info!(%protocol, socket = %socket.display(), "external mapper registered");
+                self.externals.insert(protocol.clone(), socket);
+                // Its devices restart as external ones (a fresh
+                // fingerprint forces it); none is announced twice: the
+                // reply carries them all.
+                let ids: Vec<String> = self
+                    .devices
+                    .iter()
+                    .filter(|(_, d)| d.twin.protocol.eq_ignore_ascii_case(&protocol))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in &ids {
+                    if let Some(d) = self.devices.get_mut(id) {
+                        d.fingerprint.clear();
+                    }
+                }
+                // Restart them without announcing each: the reply does.
+                self.announce = false;
+                self.sync_all();
+                self.announce = true;
+                let mut models = BTreeMap::new();
+                let mut devices = Vec::new();
+                for id in ids {
+                    let Some(d) = self.devices.get_mut(&id) else {
+                        continue;
+                    };
+                    if d.external.is_none() {
+                        continue; // its configuration cannot be used: not sent
+                    }
+                    let desired: BTreeMap<String, String> = d
+                        .twin
+                        .properties
+                        .iter()
+                        .filter_map(|(n, p)| Some((n.clone(), p.desired.clone()?)))
+                        .collect();
+                    // The mapper writes these itself when it serves the device.
+                    for (name, value) in &desired {
+                        if let Some(p) = d.twin.properties.get_mut(name) {
+                            p.applied = Some(value.clone());
+                        }
+                    }
+                    d.pending.clear();
+                    if let Some(m) = &d.model_doc {
+                        models.insert(
+                            (m.namespace.clone(), m.name.clone()),
+                            crate::dmi::model_proto(m),
+                        );
+                    }
+                    devices.push(crate::dmi::device_proto(&d.desired_doc, &desired));
+                    d.dirty = true;
+                }
+                let _ = reply.send((models.into_values().collect(), devices));
+                let all: Vec<String> = self.devices.keys().cloned().collect();
+                for id in all {
+                    self.publish(&id);
+                }
             }
         }
     }

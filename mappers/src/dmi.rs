@@ -33,8 +33,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use crate::device::{self, DeviceHandle, Report};
-use crate::driver::DeviceState;
+use crate::device::{self, DeviceHandle, DeviceSender, Report};
+use crate::driver::{DeviceState, WriteError};
 use crate::property::PropertySpec;
 use crate::spec::{DeviceSpec, ModelSpec, PropertyBinding, build};
 use v1beta1::device_manager_service_client::DeviceManagerServiceClient;
@@ -360,6 +360,27 @@ impl Mapper {
         let id = spec.id();
         let handle = device::spawn(id.clone(), driver, run, self.reports.clone());
         info!(device = %id, protocol = %spec.protocol, "serving device");
+        // Desired values new to this message are written to the device.
+        let before: HashMap<String, Option<String>> = self
+            .devices
+            .lock()
+            .map_err(|_| Status::internal("device table poisoned"))?
+            .get(&id)
+            .map(|s| {
+                s.spec
+                    .properties
+                    .iter()
+                    .map(|p| (p.name.clone(), p.desired.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for p in &spec.properties {
+            if let Some(want) = &p.desired
+                && before.get(&p.name) != Some(&Some(want.clone()))
+            {
+                apply_desired(handle.sender(), id.clone(), p.name.clone(), want.clone());
+            }
+        }
         self.devices
             .lock()
             .map_err(|_| Status::internal("device table poisoned"))?
@@ -426,6 +447,32 @@ impl Mapper {
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
     }
+}
+
+/// Writes a desired value through a device's task, retrying while the
+/// device is unreachable (up to about a minute); a value the property
+/// refuses is not retried, and a replaced task ends the attempt.
+fn apply_desired(sender: DeviceSender, id: String, property: String, value: String) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..12 {
+            match sender.write(&property, &value).await {
+                Ok(Ok(())) => {
+                    info!(device = %id, %property, %value, "desired value applied");
+                    return;
+                }
+                Ok(Err(e @ (WriteError::Refused(_) | WriteError::UnknownProperty(_)))) => {
+                    warn!(device = %id, %property, %value, error = %e, "desired value refused");
+                    return;
+                }
+                Ok(Err(e)) => debug!(device = %id, %property, error = %e, "desired value not applied yet"),
+                Err(_) => return,
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        warn!(device = %id, %property, %value, "desired value not applied: the device did not take it");
+    });
 }
 
 /// `DeviceMapperService` over a [`Mapper`].
