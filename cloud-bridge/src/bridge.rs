@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -43,6 +42,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, ADMITTED_LABEL, Admitted, SYSTEM_NAMESPACE};
+use crate::metrics::{CloudMetrics, NodeLabel};
 use crate::project::{self, MANAGED_BY, MANAGED_BY_LABEL, PodKey, Reference};
 
 /// The bridge's settings.
@@ -98,8 +98,8 @@ pub struct Bridge {
     pub(crate) engine: Engine,
     pub(crate) config: Arc<BridgeConfig>,
     pub(crate) edges: watch::Sender<Edges>,
-    /// API writes of device twin status so far.
-    pub(crate) status_writes: Arc<AtomicU64>,
+    /// The bridge's metrics.
+    pub(crate) metrics: CloudMetrics,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -119,14 +119,19 @@ impl Bridge {
             engine,
             config: Arc::new(config),
             edges: watch::Sender::new(Edges::new()),
-            status_writes: Arc::new(AtomicU64::new(0)),
+            metrics: CloudMetrics::default(),
         }
     }
 
     /// How many API writes of device twin status (`DeviceStatus` objects
     /// and `Device.status`) this bridge has sent.
     pub fn device_status_writes(&self) -> u64 {
-        self.status_writes.load(Ordering::Relaxed)
+        self.metrics.device_status_writes.get()
+    }
+
+    /// The bridge's metrics (register them to serve them).
+    pub fn metrics(&self) -> &CloudMetrics {
+        &self.metrics
     }
 
     /// The admitted edges, as the bridge currently knows them.
@@ -188,6 +193,7 @@ impl Bridge {
             if *self.edges.borrow() != edges {
                 self.engine.set_roster(admission::roster_of(&edges));
                 info!(edges = edges.len(), "roster updated");
+                self.metrics.edges_admitted.set(edges.len() as i64);
                 self.edges.send_replace(edges);
             }
         }
@@ -396,9 +402,17 @@ impl NodeLoop {
                 Ok(_) => {
                     debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
                     state.heartbeat_ms = doc.heartbeat_ms;
+                    let m = &self.bridge.metrics;
+                    m.lease_renewals.inc();
+                    m.edge_heartbeat_timestamp_seconds
+                        .get_or_create(&NodeLabel {
+                            node: node.to_owned(),
+                        })
+                        .set(now_ms as f64 / 1000.0);
                 }
                 Err(e) => {
                     warn!(%node, error = %e, "cannot renew lease");
+                    self.bridge.metrics.lease_renewal_errors.inc();
                     failed = true;
                 }
             }

@@ -50,7 +50,6 @@ pub mod coalesce;
 pub mod convert;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -852,7 +851,7 @@ impl StatusWriter {
     /// Waits for a token and counts the write it pays for.
     async fn token(&mut self) {
         self.bucket.acquire().await;
-        self.bridge.status_writes.fetch_add(1, Ordering::Relaxed);
+        self.bridge.metrics.device_status_writes.inc();
     }
 
     async fn write(&mut self, key: &DeviceKey) -> Result<(), kube::Error> {

@@ -23,7 +23,9 @@
 //!   `Device.status`, coalesced behind a rate bound; merged desired values
 //!   back to the Device, with losing writes as Events;
 //! - [`bridge`]: the running loops (admission, nodes and leases, pods,
-//!   devices).
+//!   devices);
+//! - [`metrics`]: heartbeats, admitted edges, leases and status writes, for
+//!   Prometheus (`outpost-cloud run --metrics-listen`).
 //!
 //! Not yet here: several bridge replicas splitting the nodes.
 
@@ -32,6 +34,7 @@ pub mod bridge;
 pub mod crd;
 pub mod devices;
 pub mod join;
+pub mod metrics;
 pub mod project;
 
 pub use bridge::{Bridge, BridgeConfig, BridgeError};

@@ -103,8 +103,59 @@ struct RunArgs {
         value_parser = parse_rate
     )]
     device_status_writes_per_s: f64,
+    /// Address of /metrics (Prometheus) and /healthz, as `ip:port`, or
+    /// `off`.
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
+    metrics_listen: Listen,
     #[command(flatten)]
     kube: KubeArgs,
+}
+
+/// An address to listen on, or none.
+#[derive(Debug, Clone)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("{s:?} is not ip:port or off"))
+}
+
+/// Serves `/metrics` and `/healthz` on `listener`.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        )
+                            .into_response(),
+                        Err(e) => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                        }
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).await
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -200,6 +251,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ..BridgeConfig::default()
         },
     );
+    if let Listen(Some(addr)) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for /metrics (set --metrics-listen, or off)")
+        })?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        engine.metrics().register(&mut registry);
+        bridge.metrics().register(&mut registry);
+        let registry = std::sync::Arc::new(registry);
+        info!(addr = %listener.local_addr().unwrap_or(addr), "metrics listening");
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(listener, registry).await {
+                warn!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
     let accept = {
         let endpoint = endpoint.clone();
         tokio::spawn(async move {

@@ -452,6 +452,18 @@ async fn admitted_edge_runs_a_scheduled_pod_and_its_deletion_waits_for_the_edge(
         "heartbeat at the edge to Lease renewed: {:?}",
         started.elapsed()
     );
+    // The heartbeat shows in the bridge's metrics, per node.
+    let mut registry = prometheus_client::registry::Registry::default();
+    bridge.bridge.metrics().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(&format!(
+            "outpost_cloud_edge_heartbeat_timestamp_seconds{{node=\"{node}\"}}"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("outpost_cloud_lease_renewals_total 0\n"), "{text}");
 
     // A Pod scheduled by nodeSelector, with a ConfigMap and a Secret.
     let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -51,6 +51,8 @@ fn run_explains_the_device_status_rate_and_refuses_nonsense() {
         "--device-status-writes-per-s",
         "[default: 20]",
         "OUTPOST_DEVICE_STATUS_WRITES_PER_S",
+        "--metrics-listen",
+        "[default: 127.0.0.1:9464]",
     ] {
         assert!(text.contains(words), "--help shows {words}: {text}");
     }
