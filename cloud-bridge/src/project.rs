@@ -329,6 +329,14 @@ pub fn references(spec: &PodSpecDoc) -> BTreeSet<Reference> {
         if let Some(s) = &v.secret {
             out.insert(Reference::Secret(s.secret_name.clone()));
         }
+        for source in v.projected.iter().flat_map(|p| &p.sources) {
+            if let Some(cm) = &source.config_map {
+                out.insert(Reference::ConfigMap(cm.name.clone()));
+            }
+            if let Some(s) = &source.secret {
+                out.insert(Reference::Secret(s.name.clone()));
+            }
+        }
     }
     for c in spec.containers.iter().chain(&spec.init_containers) {
         for e in &c.env {

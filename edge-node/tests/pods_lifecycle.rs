@@ -156,6 +156,12 @@ async fn pod_gets_env_and_volumes_from_configmaps_and_secrets_then_is_deleted() 
             mount_path: "/etc/secret".into(),
             ..Default::default()
         },
+        VolumeMount {
+            name: "kube-api-access-x1".into(),
+            mount_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
     ];
     spec.volumes = vec![
         Volume {
@@ -174,6 +180,21 @@ async fn pod_gets_env_and_volumes_from_configmaps_and_secrets_then_is_deleted() 
             }),
             ..Default::default()
         },
+        // What the API server's service account admission adds to every
+        // pod, as the bridge projects it.
+        serde_json::from_value(serde_json::json!({
+            "name": "kube-api-access-x1",
+            "projected": {
+                "defaultMode": 420,
+                "sources": [
+                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                    {"configMap": {"name": "app", "items": [{"key": "app.conf", "path": "ca.crt"}]}},
+                    {"downwardAPI": {"items": [{"path": "namespace",
+                        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+                ]
+            }
+        }))
+        .unwrap(),
     ];
     edge.put_pod(&spec);
 
@@ -205,6 +226,13 @@ async fn pod_gets_env_and_volumes_from_configmaps_and_secrets_then_is_deleted() 
     assert_eq!(conf, "level=1\n");
     let (_, password) = exec(&cri, &id, &["cat", "/etc/secret/password"]).await;
     assert_eq!(password, "s3cret");
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let (_, namespace) = exec(&cri, &id, &["cat", &format!("{sa}/namespace")]).await;
+    assert_eq!(namespace, "default");
+    let (_, ca) = exec(&cri, &id, &["cat", &format!("{sa}/ca.crt")]).await;
+    assert_eq!(ca, "level=1\n");
+    let (code, _) = exec(&cri, &id, &["cat", &format!("{sa}/token")]).await;
+    assert_ne!(code, 0, "no token at the edge");
     let (code, _) = exec(&cri, &id, &["touch", "/etc/app/x"]).await;
     assert_ne!(code, 0, "ConfigMap volumes are read-only");
 

@@ -105,6 +105,17 @@ wait_for() {
   done
 }
 
+# wait_until WHAT SECONDS CMD...: polls CMD (no process to watch) until it
+# succeeds, or dies saying what did not happen.
+wait_until() {
+  local what=$1 timeout_s=$2; shift 2
+  local deadline=$((SECONDS + timeout_s))
+  until "$@" >/dev/null 2>&1; do
+    (( SECONDS >= deadline )) && die "$what: not there after ${timeout_s}s (logs: $OUTPOST_LOGS)"
+    sleep 0.5
+  done
+}
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # port_free NAME PORT: fails with a clear message when something else already

@@ -63,6 +63,8 @@ prometheus_up() {
 global:
   scrape_interval: 5s
   evaluation_interval: 5s
+rule_files:
+  - $OUTPOST_ROOT/deploy/prometheus/rules/*.yml
 scrape_configs:
   - job_name: prometheus
     static_configs:
@@ -76,6 +78,8 @@ YAML
     --storage.tsdb.path "$dir/data" --web.listen-address "127.0.0.1:$PROMETHEUS_PORT" \
     --web.enable-lifecycle
   wait_for prometheus 60 _prometheus_ready
+  # A running Prometheus re-reads the configuration (and the fleet's rules).
+  curl -fsS -X POST "http://127.0.0.1:$PROMETHEUS_PORT/-/reload" >/dev/null || true
   env_set OUTPOST_PROMETHEUS_URL "http://127.0.0.1:$PROMETHEUS_PORT"
   env_set OUTPOST_PROMETHEUS_TARGETS "$dir/targets"
 }

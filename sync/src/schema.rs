@@ -279,6 +279,79 @@ pub struct Volume {
     /// A directory of the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_path: Option<HostPath>,
+    /// Several sources in one directory (as the API server's service
+    /// account admission injects into every pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projected: Option<ProjectedVolume>,
+}
+
+/// A projected volume: the files of several sources in one directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectedVolume {
+    /// The sources, in order.
+    #[serde(default)]
+    pub sources: Vec<VolumeProjection>,
+    /// File mode bits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_mode: Option<i32>,
+}
+
+/// One source of a projected volume. Exactly one is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeProjection {
+    /// Keys of a ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ObjectProjection>,
+    /// Keys of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<ObjectProjection>,
+    /// Pod fields as files.
+    #[serde(
+        default,
+        rename = "downwardAPI",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub downward_api: Option<DownwardApiProjection>,
+    /// A service account token: the edge has none to give (its pods do not
+    /// reach the API server), so no file is written for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token: Option<serde_json::Value>,
+}
+
+/// A ConfigMap's or Secret's keys in a projected volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectProjection {
+    /// The object.
+    pub name: String,
+    /// Only these keys, at these paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<KeyToPath>,
+    /// The pod may start without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+/// Pod fields as files of a projected volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DownwardApiProjection {
+    /// The files.
+    #[serde(default)]
+    pub items: Vec<DownwardApiFile>,
+}
+
+/// One pod field as a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DownwardApiFile {
+    /// The relative file path.
+    pub path: String,
+    /// The field (`metadata.namespace`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_ref: Option<FieldRef>,
 }
 
 /// A ConfigMap volume.

@@ -296,8 +296,16 @@ fn project(
             files.push((safe_relative(&item.path)?, v));
         }
     }
+    write_files(dir, &files, mode)
+}
+
+/// Writes `files` into `dir`, replacing changed files atomically and
+/// removing files that are not listed.
+fn write_files(dir: &Path, files: &[(PathBuf, &[u8])], mode: u32) -> Result<(), ConfigError> {
+    let io = |e: std::io::Error| ConfigError(format!("cannot write volume {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
     let keep: BTreeSet<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
-    for (rel, bytes) in &files {
+    for (rel, bytes) in files {
         let path = dir.join(rel);
         if std::fs::read(&path).ok().as_deref() == Some(*bytes) {
             continue;
@@ -366,12 +374,82 @@ pub(crate) fn prepare_volumes(
                     )));
                 }
             }
+        } else if let Some(projected) = &volume.projected {
+            let files = projected_files(lookup, spec, projected)?;
+            let borrowed: Vec<(PathBuf, &[u8])> = files
+                .iter()
+                .map(|(p, b)| (p.clone(), b.as_slice()))
+                .collect();
+            write_files(&dir, &borrowed, mode(projected.default_mode))?;
         } else if volume.empty_dir.is_some() {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| ConfigError(format!("cannot create {}: {e}", dir.display())))?;
         }
     }
     Ok(())
+}
+
+/// The files of a projected volume's sources. A service account token has
+/// no file: the edge has no token to give.
+fn projected_files(
+    lookup: &Lookup<'_>,
+    spec: &PodSpecDoc,
+    projected: &outpost_sync::schema::ProjectedVolume,
+) -> Result<Vec<(PathBuf, Vec<u8>)>, ConfigError> {
+    let mut files = Vec::new();
+    fn add(
+        files: &mut Vec<(PathBuf, Vec<u8>)>,
+        values: BTreeMap<String, Vec<u8>>,
+        items: &[outpost_sync::schema::KeyToPath],
+        what: &str,
+    ) -> Result<(), ConfigError> {
+        if items.is_empty() {
+            for (k, v) in values {
+                files.push((safe_relative(&k)?, v));
+            }
+        } else {
+            for item in items {
+                let v = values
+                    .get(&item.key)
+                    .ok_or_else(|| ConfigError(format!("{what}: no key {:?}", item.key)))?;
+                files.push((safe_relative(&item.path)?, v.clone()));
+            }
+        }
+        Ok(())
+    }
+    for source in &projected.sources {
+        if let Some(cm) = &source.config_map {
+            match lookup.config_map(&spec.namespace, &cm.name)? {
+                Some(values) => add(&mut files, values, &cm.items, "configmap")?,
+                None if cm.optional == Some(true) => {}
+                None => return Err(ConfigError(format!("configmap \"{}\" not found", cm.name))),
+            }
+        } else if let Some(secret) = &source.secret {
+            match lookup.secret(&spec.namespace, &secret.name)? {
+                Some(values) => add(&mut files, values, &secret.items, "secret")?,
+                None if secret.optional == Some(true) => {}
+                None => return Err(ConfigError(format!("secret \"{}\" not found", secret.name))),
+            }
+        } else if let Some(api) = &source.downward_api {
+            // Metadata fields only: the pod's IPs are not known yet when its
+            // volumes are written.
+            let facts = PodFacts {
+                spec,
+                node: "",
+                pod_ip: "",
+                host_ip: "",
+            };
+            for item in &api.items {
+                if let Some(f) = &item.field_ref {
+                    files.push((
+                        safe_relative(&item.path)?,
+                        field(&facts, &f.field_path)?.into_bytes(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(files)
 }
 
 fn mode(default_mode: Option<i32>) -> u32 {
@@ -398,7 +476,10 @@ pub(crate) fn mounts(
                 let _ = std::fs::create_dir_all(&host.path);
             }
             (PathBuf::from(&host.path), false)
-        } else if volume.config_map.is_some() || volume.secret.is_some() {
+        } else if volume.config_map.is_some()
+            || volume.secret.is_some()
+            || volume.projected.is_some()
+        {
             (volume_dir(pod_dir, &volume.name), true)
         } else if volume.empty_dir.is_some() {
             (volume_dir(pod_dir, &volume.name), false)
