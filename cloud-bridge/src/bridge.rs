@@ -479,6 +479,9 @@ struct PodLoop {
     /// Managed pods by uid: their pod-spec document (for deletions seen
     /// only as a watch Delete event).
     specs: HashMap<String, DocId>,
+    /// The pod watch has listed every pod once (before that, a pod missing
+    /// from the store may just not be listed yet).
+    pods_listed: bool,
     retry_tx: mpsc::UnboundedSender<PodRetry>,
     retry_rx: mpsc::UnboundedReceiver<PodRetry>,
 }
@@ -516,6 +519,7 @@ impl PodLoop {
             users: HashMap::new(),
             uses: HashMap::new(),
             specs: HashMap::new(),
+            pods_listed: false,
             retry_tx,
             retry_rx,
         }
@@ -569,7 +573,10 @@ impl PodLoop {
                         self.finish_deletion(&pod).await;
                     }
                     Some(Ok(watcher::Event::Delete(pod))) => self.pod_gone(&pod),
-                    Some(Ok(watcher::Event::InitDone)) => self.project_all_statuses().await,
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        self.pods_listed = true;
+                        self.project_all_statuses().await;
+                    }
                     Some(Ok(watcher::Event::Init)) => {}
                     Some(Err(e)) => warn!(error = %e, "pod watch failed; retrying"),
                     None => return Err(BridgeError::Ended("the pod watch")),
@@ -728,6 +735,19 @@ impl PodLoop {
             Ok(_) => {}
             Err(e) => warn!(%doc, error = %e, "unreadable pod-spec document"),
         }
+        // Already terminated at the edge (a graceful deletion): the
+        // documents can go now; otherwise when the edge says so.
+        if let Some(status) = doc
+            .as_str()
+            .strip_prefix(DocKind::PodSpec.as_str())
+            .and_then(|rest| {
+                format!("{}{rest}", DocKind::PodStatus.as_str())
+                    .parse::<DocId>()
+                    .ok()
+            })
+        {
+            self.forget_terminated(&status);
+        }
     }
 
     async fn project_all_statuses(&mut self) {
@@ -744,9 +764,16 @@ impl PodLoop {
             debug!(%doc, "pod-status document id has an unexpected shape");
             return;
         };
-        let Some(pod) = self.pods.get(&ObjectRef::new(name).within(ns)) else {
+        let pod = self.pods.get(&ObjectRef::new(name).within(ns));
+        if pod.as_ref().and_then(|p| p.metadata.uid.as_deref()) != Some(uid) {
+            // The Pod left the API: once its edge reports it terminated, its
+            // spec document goes too (the edge then drops the status).
+            if self.pods_listed {
+                self.forget_terminated(doc);
+            }
             return;
-        };
+        }
+        let Some(pod) = pod else { return };
         let Some(key) = PodKey::of(&pod) else { return };
         if key.uid != uid || key.node != node || !self.managed(node) {
             return;
@@ -783,6 +810,39 @@ impl PodLoop {
         }
         if status.terminated {
             self.finish_deletion(&pod).await;
+        }
+    }
+
+    /// Deletes the pod-spec document of a pod gone from the API whose
+    /// pod-status document says terminated.
+    fn forget_terminated(&self, status_doc: &DocId) {
+        let engine = &self.bridge.engine;
+        let terminated = matches!(
+            engine.with_replica(|r| r.get::<PodStatusDoc>(status_doc)),
+            Ok(Some(s)) if s.terminated
+        );
+        if !terminated {
+            return;
+        }
+        let Some(spec_doc) = status_doc
+            .as_str()
+            .strip_prefix(DocKind::PodStatus.as_str())
+            .and_then(|rest| {
+                format!("{}{rest}", DocKind::PodSpec.as_str())
+                    .parse::<DocId>()
+                    .ok()
+            })
+        else {
+            return;
+        };
+        match engine.delete(&spec_doc) {
+            Ok(true) => {
+                debug!(doc = %spec_doc, "terminated pod gone from the API: spec document deleted")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(doc = %spec_doc, error = %e, "cannot delete a finished pod's spec document")
+            }
         }
     }
 

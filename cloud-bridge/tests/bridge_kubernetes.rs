@@ -463,7 +463,10 @@ async fn admitted_edge_runs_a_scheduled_pod_and_its_deletion_waits_for_the_edge(
         )),
         "{text}"
     );
-    assert!(!text.contains("outpost_cloud_lease_renewals_total 0\n"), "{text}");
+    assert!(
+        !text.contains("outpost_cloud_lease_renewals_total 0\n"),
+        "{text}"
+    );
 
     // A Pod scheduled by nodeSelector, with a ConfigMap and a Secret.
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -651,6 +654,17 @@ async fn admitted_edge_runs_a_scheduled_pod_and_its_deletion_waits_for_the_edge(
         "terminated at the edge to pod gone: {:?}",
         started.elapsed()
     );
+    // The pod's spec document goes with it (the replica stays bounded).
+    until(
+        "the spec document deleted at the edge",
+        Duration::from_secs(10),
+        async || {
+            edge.with_replica(|r| r.is_deleted(&spec_doc))
+                .unwrap()
+                .then_some(())
+        },
+    )
+    .await;
 
     // A pod bound by spec.nodeName and deleted at once (grace period 0)
     // leaves the API without waiting: the edge is told to stop it anyway.
@@ -696,6 +710,29 @@ async fn admitted_edge_runs_a_scheduled_pod_and_its_deletion_waits_for_the_edge(
     )
     .await;
     assert_eq!(spec.deletion.unwrap().grace_period_seconds, 0);
+    // Gone from the API already: its spec document goes once the edge
+    // reports it terminated.
+    let forced_status = project::pod_status_id(&node, &ns, "forced", &forced_uid).unwrap();
+    edge.put(
+        &forced_status,
+        &PodStatusDoc {
+            uid: forced_uid.clone(),
+            phase: "Failed".into(),
+            terminated: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    until(
+        "the forced pod's spec document deleted",
+        Duration::from_secs(10),
+        async || {
+            edge.with_replica(|r| r.is_deleted(&forced_doc))
+                .unwrap()
+                .then_some(())
+        },
+    )
+    .await;
 
     drop(bridge);
     cleanup(&client, &node, issued.token.id(), Some(&ns)).await;

@@ -290,6 +290,41 @@ fn desired_pods(
     (pods, unreadable)
 }
 
+/// Deletes the pod-status documents of pods whose spec the cloud deleted
+/// (after the pod left the API) once nothing of them runs: the edge's part
+/// of keeping the replica bounded.
+fn forget_deleted_pods(engine: &Engine, node: &str, busy: impl Fn(&str) -> bool) {
+    let prefix = format!("{}/{node}/", DocKind::PodStatus.as_str());
+    let done: Vec<DocId> = engine.with_replica(|r| {
+        let ids: Vec<DocId> = r
+            .scan()
+            .filter_map(Result::ok)
+            .map(|(id, _)| id)
+            .filter(|id| id.as_str().starts_with(&prefix))
+            .collect();
+        ids.into_iter()
+            .filter(|status| {
+                let parts: Vec<&str> = status.as_str().split('/').collect();
+                let [_, _, ns, name, uid] = parts[..] else {
+                    return false;
+                };
+                if busy(uid) || r.is_deleted(status).unwrap_or(true) {
+                    return false;
+                }
+                DocId::new(DocKind::PodSpec, Owner::Node(node), &[ns, name, uid])
+                    .ok()
+                    .is_some_and(|spec| r.is_deleted(&spec).unwrap_or(false))
+            })
+            .collect()
+    });
+    for status in done {
+        match engine.delete(&status) {
+            Ok(_) => debug!(doc = %status, "pod gone from the cloud and the node: status deleted"),
+            Err(e) => warn!(doc = %status, error = %e, "cannot delete a finished pod's status"),
+        }
+    }
+}
+
 fn write_unreadable_status(engine: &Engine, node: &str, spec_id: &DocId, error: &str) {
     let parts: Vec<&str> = spec_id.as_str().split('/').collect();
     if parts.len() != 5 {
@@ -359,6 +394,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                 runtime_down = true;
             }
             Ok(mut runtime) => {
+                let in_runtime: HashSet<String> = runtime.keys().cloned().collect();
                 if runtime_down {
                     info!("the container runtime answers again");
                 }
@@ -410,6 +446,12 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                         uid
                     });
                 }
+                forget_deleted_pods(&shared.engine, &node, |uid| {
+                    desired.contains_key(uid)
+                        || in_runtime.contains(uid)
+                        || unreadable.contains(uid)
+                        || inflight.contains(uid)
+                });
             }
         }
         // Wait for a change, a wake-up or the interval; reap finished syncs

@@ -289,6 +289,27 @@ async fn pod_gets_env_and_volumes_from_configmaps_and_secrets_then_is_deleted() 
         sandboxes(&cri, &edge.node).await.is_empty(),
         "sandbox removed before terminated was reported"
     );
+    // The cloud deletes the spec once the pod left the API: the edge then
+    // deletes the status, and nothing of the pod stays in the replica.
+    let spec_id = edge.id(DocKind::PodSpec, &[&spec.namespace, &spec.name, &spec.uid]);
+    let status_id = edge.id(
+        DocKind::PodStatus,
+        &[&spec.namespace, &spec.name, &spec.uid],
+    );
+    edge.engine().delete(&spec_id).unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if edge
+            .engine()
+            .with_replica(|r| r.is_deleted(&status_id))
+            .unwrap()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the status document of a forgotten pod is deleted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
