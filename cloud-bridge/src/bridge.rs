@@ -33,6 +33,8 @@ use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use outpost_sync::PeerId;
+use outpost_sync::access::Role;
 use outpost_sync::document::{DocId, DocKind};
 use outpost_sync::engine::Engine;
 use outpost_sync::replica::{Scope, Subscription, SubscriptionError};
@@ -44,6 +46,7 @@ use tracing::{debug, info, warn};
 use crate::admission::{self, ADMITTED_LABEL, Admitted, SYSTEM_NAMESPACE};
 use crate::metrics::{CloudMetrics, NodeLabel};
 use crate::project::{self, MANAGED_BY, MANAGED_BY_LABEL, PodKey, Reference};
+use crate::shard::ShardConfig;
 
 /// The bridge's settings.
 #[derive(Debug, Clone)]
@@ -63,6 +66,10 @@ pub struct BridgeConfig {
     /// second's worth may go at once. Reports coalesce while they wait: each
     /// write carries a device's latest values.
     pub device_status_writes_per_s: f64,
+    /// How replicas split the nodes ([`crate::shard`]); `None`: this
+    /// bridge projects every admitted node and takes no Leases (one bridge
+    /// alone, as in tests that share an API server).
+    pub shards: Option<ShardConfig>,
 }
 
 impl Default for BridgeConfig {
@@ -73,6 +80,7 @@ impl Default for BridgeConfig {
             node_status_refresh: Duration::from_secs(300),
             retry_after: Duration::from_secs(1),
             device_status_writes_per_s: 20.0,
+            shards: None,
         }
     }
 }
@@ -91,6 +99,10 @@ pub enum BridgeError {
 /// The admitted edges by node name.
 pub type Edges = BTreeMap<String, Admitted>;
 
+/// Other replicas of a bridge's group: their sync keys and the address
+/// each advertises, if any.
+pub type Replicas = BTreeMap<PeerId, Option<std::net::SocketAddr>>;
+
 /// The cloud bridge over one sync engine.
 #[derive(Clone)]
 pub struct Bridge {
@@ -98,6 +110,12 @@ pub struct Bridge {
     pub(crate) engine: Engine,
     pub(crate) config: Arc<BridgeConfig>,
     pub(crate) edges: watch::Sender<Edges>,
+    /// The admitted edges whose nodes this replica holds (all of them
+    /// without sharding): the only nodes it writes to the API.
+    pub(crate) held: watch::Sender<Edges>,
+    /// The other live replicas of the group: their keys (trusted as
+    /// clouds) and the sync addresses they advertise.
+    pub(crate) replicas: watch::Sender<Replicas>,
     /// The bridge's metrics.
     pub(crate) metrics: CloudMetrics,
 }
@@ -119,6 +137,8 @@ impl Bridge {
             engine,
             config: Arc::new(config),
             edges: watch::Sender::new(Edges::new()),
+            held: watch::Sender::new(Edges::new()),
+            replicas: watch::Sender::new(Replicas::new()),
             metrics: CloudMetrics::default(),
         }
     }
@@ -139,6 +159,18 @@ impl Bridge {
         self.edges.subscribe()
     }
 
+    /// The admitted edges whose nodes this replica holds and projects.
+    pub fn held(&self) -> watch::Receiver<Edges> {
+        self.held.subscribe()
+    }
+
+    /// The other live replicas of this bridge's group (their sync keys and
+    /// advertised addresses): trusted as clouds, and worth a sync session
+    /// each so that every replica keeps the whole replicated state.
+    pub fn replicas(&self) -> watch::Receiver<Replicas> {
+        self.replicas.subscribe()
+    }
+
     /// Runs until a watch stream or the replica ends (or an error at
     /// start-up).
     pub async fn run(self) -> Result<(), BridgeError> {
@@ -147,10 +179,30 @@ impl Bridge {
         let nodes = NodeLoop::new(self.clone()).run();
         let pods = PodLoop::new(self.clone()).run();
         let devices = crate::devices::run(self.clone());
-        tokio::try_join!(admission, nodes, pods, devices).map(|_| ())
+        let shards = async {
+            match &self.config.shards {
+                Some(config) => crate::shard::run(self.clone(), config.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::try_join!(admission, nodes, pods, devices, shards).map(|_| ())
     }
 
-    fn apply_params(&self) -> PatchParams {
+    /// The engine's roster: the admitted edges and the other replicas.
+    pub(crate) fn update_roster(&self) {
+        let mut roster = admission::roster_of(&self.edges.borrow());
+        for peer in self.replicas.borrow().keys() {
+            roster.insert(*peer, Role::Cloud);
+        }
+        self.engine.set_roster(roster);
+    }
+
+    /// Does this replica write `node`'s objects?
+    pub(crate) fn holds(&self, node: &str) -> bool {
+        self.held.borrow().contains_key(node)
+    }
+
+    pub(crate) fn apply_params(&self) -> PatchParams {
         PatchParams::apply(&self.config.field_manager).force()
     }
 
@@ -191,10 +243,13 @@ impl Bridge {
             let state = store.state();
             let edges = admission::latest_per_node(state.iter().map(|s| s.as_ref()));
             if *self.edges.borrow() != edges {
-                self.engine.set_roster(admission::roster_of(&edges));
                 info!(edges = edges.len(), "roster updated");
                 self.metrics.edges_admitted.set(edges.len() as i64);
+                if self.config.shards.is_none() {
+                    self.held.send_replace(edges.clone());
+                }
                 self.edges.send_replace(edges);
+                self.update_roster();
             }
         }
         Err(BridgeError::Ended("the admission watch"))
@@ -255,7 +310,7 @@ impl NodeLoop {
     }
 
     async fn run(mut self) -> Result<(), BridgeError> {
-        let mut edges_rx = self.bridge.edges();
+        let mut edges_rx = self.bridge.held();
         let mut sub = self.bridge.subscribe([DocKind::NodeStatus]);
         let api: Api<Node> = Api::all(self.bridge.client.clone());
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
@@ -268,15 +323,20 @@ impl NodeLoop {
                         return Err(BridgeError::Ended("the admission loop"));
                     }
                     let edges = edges_rx.borrow_and_update().clone();
-                    let revoked: Vec<String> = self
+                    let gone: Vec<String> = self
                         .nodes
                         .keys()
                         .filter(|n| !edges.contains_key(*n))
                         .cloned()
                         .collect();
-                    for node in revoked {
+                    for node in gone {
                         self.nodes.remove(&node);
-                        self.remove_node(&node).await;
+                        // Still admitted: another replica holds it now.
+                        if !self.bridge.edges.borrow().contains_key(&node) {
+                            self.remove_node(&node).await;
+                        } else {
+                            info!(%node, "node handed to another replica");
+                        }
                     }
                     for edge in edges.values() {
                         self.ensure_node(edge).await;
@@ -302,7 +362,7 @@ impl NodeLoop {
                     None => return Err(BridgeError::Ended("the node watch")),
                 },
                 Some(node) = self.retry_rx.recv() => {
-                    let edge = self.bridge.edges.borrow().get(&node).cloned();
+                    let edge = self.bridge.held.borrow().get(&node).cloned();
                     if let Some(edge) = edge {
                         if self.nodes.get(&node).is_none_or(|s| s.uid.is_none()) {
                             self.ensure_node(&edge).await;
@@ -526,12 +586,12 @@ impl PodLoop {
     }
 
     fn managed(&self, node: &str) -> bool {
-        self.bridge.edges.borrow().contains_key(node)
+        self.bridge.holds(node)
     }
 
     async fn run(mut self) -> Result<(), BridgeError> {
         let client = self.bridge.client.clone();
-        let mut edges_rx = self.bridge.edges();
+        let mut edges_rx = self.bridge.held();
         let mut managed: HashSet<String> = HashSet::new();
         let mut sub = self.bridge.subscribe([DocKind::PodStatus]);
         // Bound pods only; which of them are on managed nodes is checked here.
@@ -557,7 +617,11 @@ impl PodLoop {
                     let now: HashSet<String> = edges_rx.borrow_and_update().keys().cloned().collect();
                     let added: Vec<String> = now.difference(&managed).cloned().collect();
                     managed = now;
-                    // Pods bound before their node was admitted.
+                    // Pods of nodes handed to another replica: theirs now.
+                    self.specs.retain(|_, doc| {
+                        matches!(doc.owner(), outpost_sync::document::Owner::Node(n) if managed.contains(n))
+                    });
+                    // Pods bound before their node was admitted (or taken over).
                     for pod in self.pods.state() {
                         if PodKey::of(&pod).is_some_and(|k| added.contains(&k.node)) {
                             self.project_pod(&pod);
@@ -691,6 +755,9 @@ impl PodLoop {
     }
 
     fn write_reference_for(&self, node: &str, ns: &str, r: &Reference) {
+        if !self.managed(node) {
+            return;
+        }
         let Ok(doc) = project::reference_id(node, ns, r) else {
             return;
         };
@@ -764,6 +831,9 @@ impl PodLoop {
             debug!(%doc, "pod-status document id has an unexpected shape");
             return;
         };
+        if !self.managed(node) {
+            return;
+        }
         let pod = self.pods.get(&ObjectRef::new(name).within(ns));
         if pod.as_ref().and_then(|p| p.metadata.uid.as_deref()) != Some(uid) {
             // The Pod left the API: once its edge reports it terminated, its

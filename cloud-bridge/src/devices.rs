@@ -234,7 +234,7 @@ struct DeviceLoop {
 
 impl DeviceLoop {
     fn managed(&self, node: &str) -> bool {
-        self.bridge.edges.borrow().contains_key(node)
+        self.bridge.holds(node)
     }
 
     async fn run(
@@ -242,8 +242,9 @@ impl DeviceLoop {
         mut device_events: crate::bridge::Events<Device>,
         mut model_events: crate::bridge::Events<DeviceModel>,
     ) -> Result<(), BridgeError> {
-        let mut edges_rx = self.bridge.edges();
+        let mut edges_rx = self.bridge.held();
         let mut managed: HashSet<String> = HashSet::new();
+        let mut listed = false;
         let mut desired_sub = self.bridge.subscribe([DocKind::DeviceDesired]);
         let mut reported_sub = self.bridge.subscribe([DocKind::DeviceReported]);
         loop {
@@ -254,7 +255,15 @@ impl DeviceLoop {
                     }
                     let now: HashSet<String> = edges_rx.borrow_and_update().keys().cloned().collect();
                     let added: HashSet<String> = now.difference(&managed).cloned().collect();
+                    let gone: HashSet<String> = managed.difference(&now).cloned().collect();
                     managed = now;
+                    if !gone.is_empty() {
+                        // Handed to another replica: its documents stay.
+                        self.forget_nodes(&gone);
+                    }
+                    if listed && !added.is_empty() {
+                        self.sweep(&added);
+                    }
                     if !added.is_empty() {
                         for device in self.devices.state() {
                             if device.spec.node_name.as_ref().is_some_and(|n| added.contains(n)) {
@@ -273,7 +282,10 @@ impl DeviceLoop {
                             self.warned.remove(&key);
                         }
                     }
-                    Some(Ok(watcher::Event::InitDone)) => self.sweep(),
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        listed = true;
+                        self.sweep(&managed);
+                    }
                     Some(Ok(watcher::Event::Init)) => {}
                     Some(Err(e)) => warn!(error = %e, "device watch failed; retrying"),
                     None => return Err(BridgeError::Ended("the device watch")),
@@ -429,14 +441,26 @@ impl DeviceLoop {
         }
     }
 
-    /// Once every Device is listed: deletes the documents of devices that
-    /// are gone (deleted while the bridge was down) or now elsewhere.
-    fn sweep(&mut self) {
+    /// Stops projecting the devices of nodes this replica no longer holds,
+    /// leaving their documents to the replica that does.
+    fn forget_nodes(&mut self, nodes: &HashSet<String>) {
+        self.projected.retain(|_, (node, _)| !nodes.contains(node));
+        self.model_users
+            .retain(|(node, _, _), _| !nodes.contains(node));
+    }
+
+    /// Once every Device is listed, for the nodes this replica holds:
+    /// deletes the documents of devices that are gone (deleted while no
+    /// replica held the node) or now elsewhere.
+    fn sweep(&mut self, nodes: &HashSet<String>) {
         let engine = &self.bridge.engine;
         for doc in self.bridge.scan(DocKind::DeviceDesired) {
             let Some((node, key)) = convert::split_id(&doc) else {
                 continue;
             };
+            if !nodes.contains(node) {
+                continue;
+            }
             let live = self.devices.get(&store_key(&key));
             if live.is_none_or(|d| d.spec.node_name.as_deref() != Some(node))
                 && let Ok(true) = engine.delete(&doc)
@@ -449,6 +473,9 @@ impl DeviceLoop {
             let Some((node, model)) = convert::split_id(&doc) else {
                 continue;
             };
+            if !nodes.contains(node) {
+                continue;
+            }
             let used = devices.iter().any(|d| {
                 d.spec.node_name.as_deref() == Some(node)
                     && d.metadata.namespace.as_deref() == Some(model.namespace.as_str())
@@ -866,7 +893,7 @@ impl StatusWriter {
         let Some(uid) = device.metadata.uid.clone() else {
             return Ok(());
         };
-        if !self.bridge.edges.borrow().contains_key(&node) {
+        if !self.bridge.holds(&node) {
             self.written.remove(key);
             return Ok(());
         }

@@ -36,5 +36,6 @@ pub mod devices;
 pub mod join;
 pub mod metrics;
 pub mod project;
+pub mod shard;
 
 pub use bridge::{Bridge, BridgeConfig, BridgeError};

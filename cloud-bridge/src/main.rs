@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use outpost_cloud_bridge::join::{self, JOIN_ALPN};
+use outpost_cloud_bridge::shard::{self, ShardConfig};
 use outpost_cloud_bridge::{Bridge, BridgeConfig, admission};
+use outpost_sync::PeerId;
 use outpost_sync::engine::Engine;
 use outpost_sync::metrics::SyncMetrics;
 use outpost_sync::replica::{Replica, ReplicaOptions};
@@ -107,6 +109,24 @@ struct RunArgs {
     /// `off`.
     #[arg(long, env = "OUTPOST_METRICS_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_listen)]
     metrics_listen: Listen,
+    /// Replicas with the same group split the admitted nodes between them
+    /// with Leases in outpost-system; each writes only the nodes it holds.
+    #[arg(long, env = "OUTPOST_SHARD_GROUP", default_value = "outpost-cloud")]
+    shard_group: String,
+    /// This replica's id in its group (the holder identity of its Leases)
+    /// [default: the first 16 hex digits of the bridge's key, stable for a
+    /// data dir].
+    #[arg(long, env = "OUTPOST_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// leaseDurationSeconds of the replicas' Leases: a dead replica's nodes
+    /// are taken over after about this long and a third.
+    #[arg(long, env = "OUTPOST_SHARD_LEASE_S", default_value_t = 15)]
+    shard_lease_s: i32,
+    /// The sync address (ip:port) the group's other replicas reach this one
+    /// at, published in its Lease; replicas keep sessions with each other so
+    /// that each holds the whole state [default: none: only edges connect].
+    #[arg(long, env = "OUTPOST_ADVERTISE")]
+    advertise: Option<SocketAddr>,
     #[command(flatten)]
     kube: KubeArgs,
 }
@@ -210,6 +230,49 @@ async fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps a sync session with every other replica of the group that
+/// advertises an address (the one with the smaller key dials), so that each
+/// replica holds the whole state whichever replica an edge reaches.
+async fn keep_sessions_with_replicas(
+    engine: Engine,
+    endpoint: iroh::Endpoint,
+    mut replicas: tokio::sync::watch::Receiver<outpost_cloud_bridge::bridge::Replicas>,
+) {
+    let mut dialing: std::collections::HashMap<PeerId, tokio::task::JoinHandle<()>> =
+        std::collections::HashMap::new();
+    loop {
+        let wanted: Vec<(PeerId, SocketAddr)> = replicas
+            .borrow_and_update()
+            .iter()
+            .filter(|(key, _)| engine.me() < **key)
+            .filter_map(|(key, addr)| Some((*key, (*addr)?)))
+            .collect();
+        dialing.retain(|key, task| {
+            let keep = wanted.iter().any(|(k, _)| k == key);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, addr) in wanted {
+            let Ok(id) = iroh::EndpointId::from_bytes(&key.0) else {
+                continue;
+            };
+            dialing.entry(key).or_insert_with(|| {
+                info!(replica = %key, %addr, "syncing with a replica of the group");
+                let (engine, endpoint) = (engine.clone(), endpoint.clone());
+                tokio::spawn(async move { engine.dial_loop(endpoint, PeerAddr { id, addr }).await })
+            });
+        }
+        if replicas.changed().await.is_err() {
+            break;
+        }
+    }
+    for task in dialing.into_values() {
+        task.abort();
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube_client(&args.kube).await?;
     let version = client
@@ -242,15 +305,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", addr_file.display()))?;
     info!(peer = %addr, file = %addr_file.display(), "listening for edges");
 
+    let shards = ShardConfig {
+        group: args.shard_group.clone(),
+        replica_id: args
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| shard::default_replica_id(&me)),
+        lease_duration_s: args.shard_lease_s,
+        advertise: args.advertise,
+    };
+    shards.validate().map_err(anyhow::Error::msg)?;
     let bridge = Bridge::new(
         client.clone(),
         engine.clone(),
         BridgeConfig {
             lease_duration_s: args.lease_duration_s,
             device_status_writes_per_s: args.device_status_writes_per_s,
+            shards: Some(shards),
             ..BridgeConfig::default()
         },
     );
+    let mesh = tokio::spawn(keep_sessions_with_replicas(
+        engine.clone(),
+        endpoint.clone(),
+        bridge.replicas(),
+    ));
     if let Listen(Some(addr)) = args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("cannot listen on {addr} for /metrics (set --metrics-listen, or off)")
@@ -294,6 +373,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     info!("shutting down");
     accept.abort();
+    mesh.abort();
     endpoint.close().await;
     result
 }
