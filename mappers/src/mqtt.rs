@@ -14,16 +14,25 @@
 //!   the wrong type makes that property's reading a decode error.
 //! - Commands: a write publishes `{"<property>": <value>}` to `commandTopic`,
 //!   after the model's checks.
+//! - Connections are shared: every MQTT device of the process with the same
+//!   broker, credentials and client settings (the connect timeout) uses one
+//!   MQTT connection, which takes the `clientId` of the device that opened
+//!   it. Incoming messages are dispatched to devices by exact topic; several
+//!   devices may take the same topic. A device is connected once the broker
+//!   acknowledged its subscription, and leaves the connection when its driver
+//!   disconnects or is dropped; the connection closes with its last device.
 //! - rumqttc neither backs off nor resubscribes after a clean-session
-//!   reconnect. Here the client's event loop ends at the first connection
-//!   error; the device task reconnects with its jittered backoff, and the
-//!   telemetry topic is subscribed again at every ConnAck.
+//!   reconnect. Here a connection's event loop ends at the first connection
+//!   error and every device on it goes down at once; each device task
+//!   reconnects with its own jittered backoff (so each device goes offline
+//!   by its own count of failures), the first one opens a new connection and
+//!   every device subscribes its topic again on it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 use serde_json::Value as Json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -231,7 +240,7 @@ fn value_to_json(value: &Value, scale: f64) -> Json {
 /// Counters, for tests and diagnostics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MqttStats {
-    /// Connections made (ConnAcks seen).
+    /// Times this device joined a connection (subscribed and acknowledged).
     pub connects: u64,
     /// Telemetry messages that were not JSON objects.
     pub malformed: u64,
@@ -245,27 +254,357 @@ struct Shared {
     stats: MqttStats,
 }
 
-struct Connection {
+/// Where a device's telemetry goes: what the shared connection's task needs
+/// to take a message for it.
+struct Sink {
+    properties: Vec<MqttProperty>,
+    shared: Mutex<Shared>,
+    changes: mpsc::Sender<Reading>,
+}
+
+// ------------------------------------------------------------ shared connections
+
+/// What makes two devices' connections interchangeable: the same broker,
+/// the same credentials and the same client settings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct HubKey {
+    host: String,
+    port: u16,
+    credentials: Option<(String, String)>,
+    timeout: Duration,
+}
+
+impl HubKey {
+    fn of(config: &MqttConfig) -> Self {
+        Self {
+            host: config.host.clone(),
+            port: config.port,
+            credentials: config.credentials.clone(),
+            timeout: config.timeout,
+        }
+    }
+}
+
+/// The state of a shared connection. It is never revived: once down, the
+/// next device to connect opens a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HubStatus {
+    Connecting,
+    Up,
+    Down(String),
+}
+
+/// One device's subscription on a shared connection.
+struct Route {
+    id: u64,
+    sink: Arc<Sink>,
+    /// Whether the subscription is acknowledged and the connection up.
+    up: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Routes {
+    next_id: u64,
+    /// Devices by telemetry topic (several devices may share a topic).
+    by_topic: HashMap<String, Vec<Route>>,
+    /// Topics of subscribe requests handed to the client and not yet seen
+    /// leaving, oldest first.
+    sent: VecDeque<String>,
+    /// Topics of subscribes on the wire, by packet id. rumqttc cycles packet
+    /// ids within its inflight window, so one id may carry several.
+    on_wire: HashMap<u16, VecDeque<String>>,
+}
+
+/// One MQTT connection shared by every device of the process with the same
+/// [`HubKey`]; incoming messages are dispatched to devices by topic.
+struct Hub {
+    key: HubKey,
     client: AsyncClient,
-    up: watch::Receiver<bool>,
+    status: watch::Receiver<HubStatus>,
+    routes: Arc<Mutex<Routes>>,
     task: JoinHandle<()>,
+}
+
+/// Live shared connections, by key. Entries are weak: the connection closes
+/// when its last device lets go of it.
+static HUBS: OnceLock<Mutex<HashMap<HubKey, Weak<Hub>>>> = OnceLock::new();
+
+fn hubs() -> std::sync::MutexGuard<'static, HashMap<HubKey, Weak<Hub>>> {
+    HUBS.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Shared connections of this process that are open or opening to `host:port`.
+pub fn connections(host: &str, port: u16) -> usize {
+    hubs()
+        .iter()
+        .filter(|(k, _)| k.host == host && k.port == port)
+        .filter_map(|(_, w)| w.upgrade())
+        .filter(|h| !h.is_down())
+        .count()
+}
+
+/// rumqttc's request channel: subscribes of many devices starting at once
+/// wait for room (see [`Hub::subscribe`]); it allocates only as it fills.
+const REQUEST_CAPACITY: usize = 64;
+/// Unacknowledged QoS 1/2 publishes (commands) at once; rumqttc keeps a slot
+/// for each.
+const INFLIGHT: u16 = 16;
+/// Largest packet either way.
+const MAX_PACKET: usize = 256 * 1024;
+
+impl Hub {
+    /// The live connection for `config`'s key, or a new one.
+    fn for_config(config: &MqttConfig) -> Arc<Self> {
+        let key = HubKey::of(config);
+        let mut hubs = hubs();
+        if let Some(hub) = hubs.get(&key).and_then(Weak::upgrade)
+            && !hub.is_down()
+        {
+            return hub;
+        }
+        hubs.retain(|_, w| w.strong_count() > 0);
+        let hub = Arc::new(Self::start(config, key.clone()));
+        hubs.insert(key, Arc::downgrade(&hub));
+        hub
+    }
+
+    fn start(config: &MqttConfig, key: HubKey) -> Self {
+        // The connection takes the client id of the device that opens it.
+        let mut options = MqttOptions::new(&config.client_id, &key.host, key.port);
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_inflight(INFLIGHT)
+            .set_request_channel_capacity(REQUEST_CAPACITY);
+        if let Some((user, password)) = &key.credentials {
+            options.set_credentials(user, password);
+        }
+        let (client, mut events) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let mut network = rumqttc::NetworkOptions::new();
+        // Small messages answered one by one: Nagle only adds latency.
+        network.set_tcp_nodelay(true);
+        network.set_connection_timeout(key.timeout.as_secs().max(1));
+        events.set_network_options(network);
+        let (status_tx, status) = watch::channel(HubStatus::Connecting);
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let task = tokio::spawn(drive(
+            events,
+            HubGuard {
+                routes: routes.clone(),
+                status: status_tx,
+            },
+            format!("{}:{}", key.host, key.port),
+        ));
+        Self {
+            key,
+            client,
+            status,
+            routes,
+            task,
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        matches!(*self.status.borrow(), HubStatus::Down(_)) || self.task.is_finished()
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add_route(&self, topic: &str, sink: Arc<Sink>) -> (u64, watch::Receiver<bool>) {
+        let (up, rx) = watch::channel(false);
+        let mut routes = self.routes();
+        routes.next_id += 1;
+        let id = routes.next_id;
+        routes
+            .by_topic
+            .entry(topic.to_owned())
+            .or_default()
+            .push(Route { id, sink, up });
+        (id, rx)
+    }
+
+    fn remove_route(&self, topic: &str, id: u64) {
+        let mut routes = self.routes();
+        let Some(list) = routes.by_topic.get_mut(topic) else {
+            return;
+        };
+        list.retain(|r| r.id != id);
+        if list.is_empty() {
+            routes.by_topic.remove(topic);
+            // Best effort: a message for a topic nobody takes is dropped.
+            if !self.is_down() {
+                let _ = self.client.try_unsubscribe(topic);
+            }
+        }
+    }
+
+    /// Hands a subscribe to the client and records it, under one lock, so
+    /// that the connection's task finds the topic when the request leaves.
+    /// Waits (polling) while the request channel is full.
+    async fn subscribe(&self, topic: &str, qos: QoS) -> Result<(), ConnectError> {
+        loop {
+            {
+                let mut routes = self.routes();
+                if self.client.try_subscribe(topic, qos).is_ok() {
+                    routes.sent.push_back(topic.to_owned());
+                    return Ok(());
+                }
+            }
+            if self.is_down() {
+                return Err(ConnectError::Transport("connection ended".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        // The last device let go: say goodbye, or just close.
+        if self.is_down() || self.client.try_disconnect().is_err() {
+            self.task.abort();
+        }
+        debug!(broker = %format_args!("{}:{}", self.key.host, self.key.port), "MQTT connection closed");
+    }
+}
+
+/// Owned by the connection's task: when the task ends, however it ends
+/// (an error, an abort, its runtime shutting down), the connection is down
+/// and so is every device on it.
+struct HubGuard {
+    routes: Arc<Mutex<Routes>>,
+    status: watch::Sender<HubStatus>,
+}
+
+impl HubGuard {
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for HubGuard {
+    fn drop(&mut self) {
+        self.status.send_if_modified(|s| {
+            if matches!(s, HubStatus::Down(_)) {
+                false
+            } else {
+                *s = HubStatus::Down("connection closed".into());
+                true
+            }
+        });
+        for route in self.routes().by_topic.values().flatten() {
+            route.up.send_replace(false);
+        }
+    }
+}
+
+/// The shared connection's event loop: ends at the first connection error
+/// (rumqttc neither backs off nor resubscribes; devices reconnect with their
+/// own backoff and the first of them opens a new connection).
+async fn drive(mut events: rumqttc::EventLoop, guard: HubGuard, broker: String) {
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                debug!(%broker, "MQTT connection up");
+                guard.status.send_replace(HubStatus::Up);
+            }
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                let mut routes = guard.routes();
+                if let Some(topic) = routes.sent.pop_front() {
+                    routes.on_wire.entry(pkid).or_default().push_back(topic);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let ok = ack
+                    .return_codes
+                    .iter()
+                    .all(|c| !matches!(c, SubscribeReasonCode::Failure));
+                let mut routes = guard.routes();
+                let topic = routes
+                    .on_wire
+                    .get_mut(&ack.pkid)
+                    .and_then(VecDeque::pop_front);
+                if routes
+                    .on_wire
+                    .get(&ack.pkid)
+                    .is_some_and(VecDeque::is_empty)
+                {
+                    routes.on_wire.remove(&ack.pkid);
+                }
+                let Some(topic) = topic else { continue };
+                if !ok {
+                    warn!(%broker, %topic, "the broker refused the subscription");
+                }
+                for route in routes.by_topic.get(&topic).into_iter().flatten() {
+                    route.up.send_replace(ok);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Take the sinks out of the lock: parsing happens outside it.
+                let sinks: Vec<Arc<Sink>> = guard
+                    .routes()
+                    .by_topic
+                    .get(p.topic.as_str())
+                    .into_iter()
+                    .flatten()
+                    .map(|r| r.sink.clone())
+                    .collect();
+                for sink in sinks {
+                    take_message(
+                        &p.payload,
+                        &sink.properties,
+                        &sink.shared,
+                        &sink.changes,
+                        &p.topic,
+                    );
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                guard
+                    .status
+                    .send_replace(HubStatus::Down("disconnected".into()));
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(%broker, error = %e, "MQTT connection ended");
+                guard.status.send_replace(HubStatus::Down(e.to_string()));
+                break;
+            }
+        }
+    }
+}
+
+/// A device's place on a shared connection; dropping it leaves.
+struct Connection {
+    hub: Arc<Hub>,
+    topic: String,
+    route: u64,
+    up: watch::Receiver<bool>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.task.abort();
+        self.hub.remove_route(&self.topic, self.route);
     }
 }
 
 /// An MQTT device.
 pub struct MqttDriver {
     config: MqttConfig,
-    properties: Arc<Vec<MqttProperty>>,
+    sink: Arc<Sink>,
     specs: Vec<PropertySpec>,
-    shared: Arc<Mutex<Shared>>,
     conn: Option<Connection>,
     health: Health,
-    changes_tx: mpsc::Sender<Reading>,
     changes_rx: Option<mpsc::Receiver<Reading>>,
 }
 
@@ -282,33 +621,79 @@ impl std::fmt::Debug for MqttDriver {
     }
 }
 
+/// Telemetry changes a device may have waiting before newer ones are dropped
+/// (reads still return the latest values).
+const CHANGES_CAPACITY: usize = 32;
+
 impl MqttDriver {
     /// A driver for the given properties (not yet connected).
     pub fn new(config: MqttConfig, properties: Vec<MqttProperty>) -> Self {
         let specs = properties.iter().map(|p| p.spec.clone()).collect();
-        let (changes_tx, changes_rx) = mpsc::channel(1024);
+        let (changes, changes_rx) = mpsc::channel(CHANGES_CAPACITY);
         Self {
             config,
-            properties: Arc::new(properties),
+            sink: Arc::new(Sink {
+                properties,
+                shared: Mutex::default(),
+                changes,
+            }),
             specs,
-            shared: Arc::default(),
             conn: None,
             health: Health::default(),
-            changes_tx,
             changes_rx: Some(changes_rx),
         }
     }
 
     /// Counters so far.
     pub fn stats(&self) -> MqttStats {
-        self.shared.lock().map(|s| s.stats).unwrap_or_default()
+        self.sink.shared.lock().map(|s| s.stats).unwrap_or_default()
     }
 
-    /// Closes the connection.
+    /// Leaves the connection; it closes when no device uses it any more.
     pub async fn disconnect(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            let _ = timeout(self.config.timeout, conn.client.disconnect()).await;
+        self.conn = None;
+    }
+
+    /// Joins the shared connection for this device's broker (opening it if
+    /// needed), subscribes the telemetry topic and waits for the broker's
+    /// acknowledgement.
+    async fn join(&self) -> Result<Connection, ConnectError> {
+        let ended = |why: &str| ConnectError::Transport(why.to_owned());
+        let hub = Hub::for_config(&self.config);
+        let mut status = hub.status.clone();
+        let came_up = status
+            .wait_for(|s| *s != HubStatus::Connecting)
+            .await
+            .map(|s| s.clone());
+        match came_up {
+            Ok(HubStatus::Down(why)) => return Err(ended(&why)),
+            Err(_) => return Err(ended("connection ended")),
+            Ok(_) => {}
         }
+        let topic = self.config.telemetry_topic.clone();
+        let (route, mut up) = hub.add_route(&topic, self.sink.clone());
+        let conn = Connection {
+            hub: hub.clone(),
+            topic: topic.clone(),
+            route,
+            up: up.clone(),
+        };
+        hub.subscribe(&topic, self.config.qos).await?;
+        tokio::select! {
+            acked = up.wait_for(|up| *up) => {
+                if acked.is_err() {
+                    return Err(ended("connection ended"));
+                }
+            }
+            down = status.wait_for(|s| matches!(s, HubStatus::Down(_))) => {
+                let why = match down.as_deref() {
+                    Ok(HubStatus::Down(why)) => why.clone(),
+                    _ => "connection ended".to_owned(),
+                };
+                return Err(ended(&why));
+            }
+        }
+        Ok(conn)
     }
 }
 
@@ -388,88 +773,25 @@ impl Driver for MqttDriver {
     fn is_connected(&self) -> bool {
         self.conn
             .as_ref()
-            .is_some_and(|c| *c.up.borrow() && !c.task.is_finished())
+            .is_some_and(|c| *c.up.borrow() && !c.hub.is_down())
     }
 
     async fn connect(&mut self) -> Result<(), ConnectError> {
         self.conn = None;
-        let mut options =
-            MqttOptions::new(&self.config.client_id, &self.config.host, self.config.port);
-        options
-            .set_keep_alive(Duration::from_secs(5))
-            .set_clean_session(true)
-            .set_max_packet_size(256 * 1024, 256 * 1024);
-        if let Some((user, password)) = &self.config.credentials {
-            options.set_credentials(user, password);
-        }
-        let (client, mut events) = AsyncClient::new(options, 64);
-        let mut network = rumqttc::NetworkOptions::new();
-        // Small messages answered one by one: Nagle only adds latency.
-        network.set_tcp_nodelay(true);
-        network.set_connection_timeout(self.config.timeout.as_secs().max(1));
-        events.set_network_options(network);
-        let (up_tx, mut up) = watch::channel(false);
-        let (why_tx, why) = tokio::sync::oneshot::channel::<String>();
-        let properties = self.properties.clone();
-        let shared = self.shared.clone();
-        let changes = self.changes_tx.clone();
-        let topic = self.config.telemetry_topic.clone();
-        let qos = self.config.qos;
-        let subscriber = client.clone();
-        let task = tokio::spawn(async move {
-            let mut why_tx = Some(why_tx);
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        // A clean session forgets subscriptions: subscribe at
-                        // every connection.
-                        if let Err(e) = subscriber.try_subscribe(&topic, qos) {
-                            debug!(topic = %topic, error = %e, "subscribe failed");
-                            break;
-                        }
-                        if let Ok(mut s) = shared.lock() {
-                            s.stats.connects += 1;
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = up_tx.send(true);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if p.topic == topic {
-                            take_message(&p.payload, &properties, &shared, &changes, &topic);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        debug!(topic = %topic, error = %e, "MQTT connection ended");
-                        if let Some(tx) = why_tx.take() {
-                            let _ = tx.send(e.to_string());
-                        }
-                        break;
-                    }
-                }
-            }
-            let _ = up_tx.send(false);
-        });
         let limit = self.config.timeout;
-        let came_up = timeout(limit, up.wait_for(|up| *up))
+        let joined = timeout(limit, self.join())
             .await
-            .map(|r| r.is_ok());
-        let result = match came_up {
-            Err(_) => Err(ConnectError::Timeout(limit)),
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ConnectError::Transport(
-                why.await.unwrap_or_else(|_| "connection ended".into()),
-            )),
-        };
-        match result {
-            Ok(()) => {
-                self.conn = Some(Connection { client, up, task });
+            .unwrap_or(Err(ConnectError::Timeout(limit)));
+        match joined {
+            Ok(conn) => {
+                self.conn = Some(conn);
+                if let Ok(mut s) = self.sink.shared.lock() {
+                    s.stats.connects += 1;
+                }
                 self.health.success();
                 Ok(())
             }
             Err(e) => {
-                task.abort();
                 self.health.failure(&e);
                 Err(e)
             }
@@ -483,19 +805,17 @@ impl Driver for MqttDriver {
             return Err(ReadError::NotConnected);
         }
         self.health.success();
-        let latest = self
-            .shared
-            .lock()
-            .map(|s| s.latest.clone())
-            .unwrap_or_default();
+        let shared = self.sink.shared.lock();
+        let latest = shared.as_ref().map(|s| &s.latest).ok();
         Ok(self
+            .sink
             .properties
             .iter()
             .enumerate()
             .map(|(i, p)| Reading {
                 property: p.spec.name.clone(),
                 value: latest
-                    .get(&i)
+                    .and_then(|l| l.get(&i))
                     .cloned()
                     .unwrap_or(Err(PropertyError::NoValue)),
             })
@@ -504,6 +824,7 @@ impl Driver for MqttDriver {
 
     async fn write(&mut self, property: &str, text: &str) -> Result<(), WriteError> {
         let p = self
+            .sink
             .properties
             .iter()
             .find(|p| p.spec.name == property)
@@ -533,7 +854,9 @@ impl Driver for MqttDriver {
         let limit = self.config.timeout;
         match timeout(
             limit,
-            conn.client.publish(topic, self.config.qos, false, payload),
+            conn.hub
+                .client
+                .publish(topic, self.config.qos, false, payload),
         )
         .await
         {

@@ -277,3 +277,133 @@ async fn resubscribes_after_the_broker_comes_back() {
     .await;
     assert!(seen.is_ok(), "telemetry flows after the broker restart");
 }
+
+/// The latest state of every device, once all `count` of them are `want`.
+async fn all_in_state(
+    rx: &mut mpsc::Receiver<Report>,
+    states: &mut std::collections::HashMap<String, DeviceState>,
+    count: usize,
+    want: DeviceState,
+) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while states.values().filter(|s| **s == want).count() < count {
+            if let Some(Report::State { device, state, .. }) = rx.recv().await {
+                states.insert(device, state);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let n = states.values().filter(|s| **s == want).count();
+        panic!("{n}/{count} devices {want:?}")
+    });
+}
+
+/// The broker's count of connected clients, as it next publishes it (a
+/// fresh value, not the retained one, so at most `sys_interval` old).
+async fn broker_clients(probe: &AsyncClient, sys: &mut mpsc::Receiver<(bool, String)>) -> u64 {
+    probe
+        .subscribe("$SYS/broker/clients/connected", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (retained, value) = sys.recv().await.unwrap();
+            if !retained {
+                return value.trim().parse().unwrap();
+            }
+        }
+    })
+    .await
+    .expect("mosquitto publishes $SYS/broker/clients/connected")
+}
+
+#[tokio::test]
+async fn fifty_devices_share_one_connection_and_only_their_topics() {
+    const DEVICES: usize = 50;
+    let mut broker = SimProcess::mosquitto().await.unwrap();
+    let port = broker.port;
+    let base = unique_name("outpost-test/shared");
+    let (tx, mut rx) = mpsc::channel(4096);
+    let mut handles = Vec::new();
+    for i in 0..DEVICES {
+        let driver = MqttDriver::new(config("127.0.0.1", port, &format!("{base}/d{i}")), props());
+        let run = RunConfig {
+            collect_cycle: Duration::from_millis(200),
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+            seed: i as u64,
+            observer: None,
+        };
+        handles.push(device::spawn(
+            format!("default/d{i}"),
+            driver,
+            run,
+            tx.clone(),
+        ));
+    }
+    let mut states = std::collections::HashMap::new();
+    all_in_state(&mut rx, &mut states, DEVICES, DeviceState::Online).await;
+    assert_eq!(outpost_mappers::mqtt::connections("127.0.0.1", port), 1);
+
+    // The broker's view: this probe and one connection for all 50 devices.
+    let mut options = MqttOptions::new(unique_name("probe"), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (probe, mut events) = AsyncClient::new(options, 16);
+    let (sys_tx, mut sys) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let value = String::from_utf8_lossy(&p.payload).into_owned();
+                    let _ = sys_tx.send((p.retain, value)).await;
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    assert_eq!(broker_clients(&probe, &mut sys).await, 2);
+
+    // A message on one device's topic reaches that device and no other.
+    let seen_by = async |rx: &mut mpsc::Receiver<Report>, topic: String, fan: i64| {
+        probe
+            .publish(
+                &topic,
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"fan": {fan}}}"#),
+            )
+            .await
+            .unwrap();
+        let mut takers = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(report)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            if let Report::Values { device, readings } = report
+                && readings
+                    .iter()
+                    .any(|r| r.property == "fan" && r.value == Ok(Value::Int(fan)))
+            {
+                takers.insert(device);
+            }
+        }
+        takers.into_iter().collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seen_by(&mut rx, format!("{base}/d7/telemetry"), 2).await,
+        ["default/d7"]
+    );
+    assert_eq!(
+        seen_by(&mut rx, format!("{base}/d42/telemetry"), 3).await,
+        ["default/d42"]
+    );
+
+    // The shared connection drops: every device goes offline by its own
+    // count, and comes back on one new connection.
+    broker.kill();
+    all_in_state(&mut rx, &mut states, DEVICES, DeviceState::Offline).await;
+    broker.restart().await.unwrap();
+    all_in_state(&mut rx, &mut states, DEVICES, DeviceState::Online).await;
+    assert_eq!(outpost_mappers::mqtt::connections("127.0.0.1", port), 1);
+    drop(handles);
+}
