@@ -17,8 +17,11 @@
 //!   crashes, membership changes, the workload, and the checkers
 //!   (convergence, no acknowledged write lost, the desired-value conflict
 //!   rule, bounded storage, liveness);
-//! - [`report`]: sync-lag percentiles, traffic and fault counts, as a table
-//!   and as JSON.
+//! - [`report`]: sync-lag percentiles, traffic and fault counts, the sync
+//!   lag over time, the fault windows and the time to catch up after each
+//!   heal, as a table and as JSON;
+//! - [`plot`]: the sync-lag plot of a report (lag over time with the fault
+//!   windows shaded and the heals marked), as SVG.
 //!
 //! What the simulated network models and what it does not (connection-level
 //! faults only; process crashes, not power loss) is documented on
@@ -30,6 +33,7 @@
 //! real-process mode (network namespaces) are not built yet.
 
 pub mod nemesis;
+pub mod plot;
 pub mod report;
 pub mod scenario;
 pub mod world;

@@ -32,9 +32,15 @@ enum Command {
         seed: u64,
         #[command(flatten)]
         shape: Shape,
-        /// Also write the report as JSON to this file.
+        /// Also write the report as JSON to this file, and its sync-lag plot
+        /// as SVG next to it (the same name ending in .svg) unless --plot names another file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Write the sync-lag plot (SVG: lag over simulated time, fault windows
+        /// shaded, heals marked) to this file. Default: next to --report, none without it.
+        /// The plot depends only on the seed and the scenario.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Runs many seeds (with the nemesis unless the scenario has its own
     /// timeline) and prints one line per seed and a summary; exits 1 when any seed fails.
@@ -163,14 +169,19 @@ fn real_main() -> anyhow::Result<()> {
             seed,
             shape,
             report,
+            plot,
         }) => {
             let scenario = shape.scenario()?;
             let result = run(seed, scenario)?;
             print!("{}", result.table());
-            if let Some(path) = report {
+            if let Some(path) = &report {
                 let json = serde_json::to_string_pretty(&result)?;
-                std::fs::write(&path, json)
+                std::fs::write(path, json)
                     .with_context(|| format!("cannot write the report to {}", path.display()))?;
+            }
+            if let Some(path) = plot.or_else(|| report.map(|r| r.with_extension("svg"))) {
+                std::fs::write(&path, outpost_simulation::plot::lag_svg(&result))
+                    .with_context(|| format!("cannot write the plot to {}", path.display()))?;
             }
             if !result.passed() {
                 print_failures(&result, &shape.replay(seed));

@@ -56,7 +56,10 @@ use outpost_sync::store::{MemoryDisk, StoreOptions};
 use serde_json::{Value, json};
 use tracing::{debug, info};
 
-use crate::report::{Failure, Percentiles, Report};
+use crate::report::{
+    Failure, FaultWindow, LagSample, Link as LinkPair, Percentiles, Report, Restored, human_ms,
+    human_prob,
+};
 use crate::scenario::{Dur, Event as Timeline, Network, NetworkChange, Scenario};
 
 /// The wall clock of a node without skew at simulated time 0 (2026-01-01).
@@ -220,7 +223,8 @@ struct Stats {
     restarts: u64,
     session_errors: u64,
     rejected: u64,
-    lag_ms: Vec<u64>,
+    /// Every applied change with a known commit time: when, and its lag.
+    lag: Vec<LagSample>,
     lag_after_heal_ms: Vec<u64>,
     /// Desired properties whose final state shows losing writes.
     conflicts: u64,
@@ -260,6 +264,10 @@ pub struct World {
     overrides: BTreeMap<usize, NetworkChange>,
     net: Network,
     timeline: Vec<Timeline>,
+    /// The timeline's events as applied, for the report.
+    windows: Vec<FaultWindow>,
+    /// The links each heal gave back, by moment.
+    restored: BTreeMap<u64, Restored>,
     oracle: Oracle,
     stats: Stats,
     failures: Vec<Failure>,
@@ -347,6 +355,8 @@ impl World {
             overrides: BTreeMap::new(),
             net: scenario.network.clone(),
             timeline,
+            windows: Vec::new(),
+            restored: BTreeMap::new(),
             oracle: Oracle::default(),
             stats: Stats::default(),
             failures: Vec::new(),
@@ -1076,7 +1086,11 @@ impl World {
                             if self.healed {
                                 self.stats.lag_after_heal_ms.push(lag);
                             }
-                            self.stats.lag_ms.push(lag);
+                            self.stats.lag.push(LagSample {
+                                applied_ms: self.now,
+                                lag_ms: lag,
+                                link: (from.min(to), from.max(to)),
+                            });
                         }
                     }
                     applied.push(doc);
@@ -1349,6 +1363,7 @@ impl World {
         debug!(at = self.now, kind = event.kind(), "fault");
         let (start, heal_at) = (event.at().0, self.heal_at);
         let end = move |length: Dur| (start + length.0).min(heal_at);
+        self.windows.push(window(&event, self.now, heal_at));
         match &event {
             Timeline::Partition { length, a, b, .. } => {
                 let (a, b) = (self.select(a), self.select(b));
@@ -1454,13 +1469,51 @@ impl World {
 
     fn fault_end(&mut self, i: usize) {
         match self.active.remove(&i) {
-            Some(Active::Cuts(pairs, true)) => self.uncut(&pairs),
-            Some(Active::Cuts(_, false)) | None => {}
+            Some(Active::Cuts(pairs, applied)) => {
+                if applied {
+                    self.uncut(&pairs);
+                }
+                let links = self.links_back(pairs.iter().copied());
+                self.restored_now(Restored::Links(links));
+            }
+            None => {}
             Some(Active::Network) => {
                 self.overrides.remove(&i);
                 self.recompute_network();
+                let count = self.link_count();
+                self.restored_now(Restored::All { count });
             }
         }
+    }
+
+    /// Of the node pairs `pairs`, the links (pairs that sync) no cut holds now.
+    fn links_back(&self, pairs: impl Iterator<Item = (usize, usize)>) -> BTreeSet<LinkPair> {
+        pairs
+            .map(|(a, b)| (a.min(b), a.max(b)))
+            .filter(|&(a, b)| {
+                (self.links.contains_key(&(a, b)) || self.links.contains_key(&(b, a)))
+                    && self.reachable(a, b)
+            })
+            .collect()
+    }
+
+    /// Links between nodes, each pair once.
+    fn link_count(&self) -> u64 {
+        let pairs: BTreeSet<LinkPair> = self
+            .links
+            .keys()
+            .map(|&(a, b)| (a.min(b), a.max(b)))
+            .collect();
+        pairs.len() as u64
+    }
+
+    /// Notes that the heal happening now gave back `links`.
+    fn restored_now(&mut self, links: Restored) {
+        let merged = match self.restored.remove(&self.now) {
+            Some(before) => before.merge(links),
+            None => links,
+        };
+        self.restored.insert(self.now, merged);
     }
 
     fn flap(&mut self, i: usize, on: bool) {
@@ -1539,12 +1592,22 @@ impl World {
             let at = self.now + self.rng.u64(0..200);
             self.schedule(at, Ev::Dial(d, a));
         }
+        let peers: Vec<(usize, usize)> = self
+            .links
+            .keys()
+            .filter(|(d, a)| *d == n || *a == n)
+            .copied()
+            .collect();
+        let links = self.links_back(peers.into_iter());
+        self.restored_now(Restored::Links(links));
     }
 
     fn heal(&mut self) {
         self.healed = true;
         self.note(b"heal", &[]);
         info!(at_ms = self.now, "faults heal");
+        let count = self.link_count();
+        self.restored_now(Restored::All { count });
         self.cuts.clear();
         self.active.clear();
         self.overrides.clear();
@@ -1949,6 +2012,14 @@ impl World {
             .and_then(|&c| self.nodes[c].replica.as_ref())
             .map_or(0, |r| r.scan().count() as u64);
         let s = &mut self.stats;
+        let mut lag_ms: Vec<u64> = s.lag.iter().map(|l| l.lag_ms).collect();
+        let lag_bin_ms = crate::report::lag_bin_ms(self.now);
+        let heals = crate::report::heals(
+            &self.windows,
+            &self.restored,
+            &s.lag,
+            self.converged_at.is_some(),
+        );
         Report {
             seed: self.seed,
             scenario: self.scenario.name.clone(),
@@ -1983,9 +2054,14 @@ impl World {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v / 1_000_000))
                 .collect(),
-            lag_ms: Percentiles::of(&mut s.lag_ms),
+            lag_ms: Percentiles::of(&mut lag_ms),
             lag_after_heal_ms: Percentiles::of(&mut s.lag_after_heal_ms),
             converged_after_ms: self.converged_at.map(|t| t.saturating_sub(self.stop_at)),
+            workload_stop_ms: self.stop_at,
+            fault_windows: std::mem::take(&mut self.windows),
+            heals,
+            lag_bin_ms,
+            lag_over_time: crate::report::lag_over_time(&s.lag, lag_bin_ms),
             max_doc_bytes: self
                 .storage
                 .iter()
@@ -2000,6 +2076,75 @@ impl World {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
         }
+    }
+}
+
+/// The window of a timeline event applied at `now` (faults end by `heal_at`
+/// at the latest, as [`World`] ends them), with a label for people.
+fn window(event: &Timeline, now: u64, heal_at: u64) -> FaultWindow {
+    let end = |length: &Dur| (now + length.0).min(heal_at);
+    let (label, end_ms) = match event {
+        Timeline::Partition { length, a, b, .. } => (format!("partition {a} | {b}"), end(length)),
+        Timeline::OneWay {
+            length, from, to, ..
+        } => (format!("one-way {from} \u{2192} {to}"), end(length)),
+        Timeline::Flap {
+            length,
+            a,
+            b,
+            down,
+            up,
+            ..
+        } => (
+            format!(
+                "flap {a} | {b} ({} down, {} up)",
+                human_ms(down.0),
+                human_ms(up.0)
+            ),
+            end(length),
+        ),
+        Timeline::IsolateSite { length, site, .. } => (format!("isolate {site}"), end(length)),
+        Timeline::Crash {
+            node,
+            restart_after,
+            ..
+        } => (
+            format!("crash {node}"),
+            // A restart due after the heal happens at the heal.
+            restart_after.map_or(heal_at, |d| (now + d.0).min(heal_at)),
+        ),
+        Timeline::Skew { node, skew_ms, .. } => {
+            let sign = if *skew_ms < 0 { "-" } else { "+" };
+            (
+                format!("skew {node} {sign}{}", human_ms(skew_ms.unsigned_abs())),
+                now,
+            )
+        }
+        Timeline::Network { length, change, .. } => {
+            let mut what = Vec::new();
+            if change.delay.is_some() {
+                what.push("delay".to_string());
+            }
+            for (name, p) in [
+                ("loss", change.loss),
+                ("reset", change.reset),
+                ("duplicate", change.duplicate),
+                ("reorder", change.reorder),
+            ] {
+                if let Some(p) = p {
+                    what.push(format!("{name} {}", human_prob(p)));
+                }
+            }
+            (format!("network {}", what.join(", ")), end(length))
+        }
+        Timeline::Join { count, .. } => (format!("join {count}"), now),
+        Timeline::Leave { node, .. } => (format!("leave {node}"), now),
+    };
+    FaultWindow {
+        kind: event.kind().to_string(),
+        label,
+        start_ms: now,
+        end_ms,
     }
 }
 
