@@ -1,11 +1,12 @@
 //! Several bridge replicas splitting the admitted nodes with Leases.
 //!
-//! Replicas of one bridge form a *group* ([`ShardConfig::group`]). Each
-//! replica keeps a membership Lease, `outpost-replica-<id>` in
-//! [`SYSTEM_NAMESPACE`], renewed every third of
-//! [`ShardConfig::lease_duration_s`] and annotated with its sync key, and
-//! each admitted node has one node Lease, `outpost-bridge-<node>`, held by
-//! the replica that writes that node's objects to the API (the Node and its
+//! Replicas of one bridge form a *group* ([`ShardConfig::group`], by
+//! default `outpost-cloud`). Each replica keeps a membership Lease,
+//! `<group>.replica.<id>` in [`SYSTEM_NAMESPACE`], renewed every third of
+//! [`ShardConfig::lease_duration_s`] and annotated with its sync key (and
+//! address), and each admitted node has one node Lease per group,
+//! `<group>.node.<node>`, held by the replica that writes that node's
+//! objects to the API (the Node and its
 //! status, its `kube-node-lease` Lease, pod statuses and deletions,
 //! pod-spec, configmap, secret and device documents, device twins).
 //!
@@ -107,14 +108,15 @@ pub fn default_replica_id(key: &PeerId) -> String {
     key.to_string().chars().take(16).collect()
 }
 
-/// The name of the Lease that says which replica writes `node`.
-pub fn node_lease_name(node: &str) -> String {
-    format!("outpost-bridge-{node}")
+/// The name of the Lease that says which replica of `group` writes
+/// `node`.
+pub fn node_lease_name(group: &str, node: &str) -> String {
+    format!("{group}.node.{node}")
 }
 
-/// The name of a replica's membership Lease.
-pub fn replica_lease_name(replica_id: &str) -> String {
-    format!("outpost-replica-{replica_id}")
+/// The name of a replica's membership Lease in `group`.
+pub fn replica_lease_name(group: &str, replica_id: &str) -> String {
+    format!("{group}.replica.{replica_id}")
 }
 
 /// The replica that should hold `node` among `replicas`: the highest
@@ -243,7 +245,7 @@ pub(crate) async fn run(bridge: Bridge, config: ShardConfig) -> Result<(), Bridg
     let api: Api<Lease> = Api::namespaced(bridge.client.clone(), SYSTEM_NAMESPACE);
     let (store, mut events) = reflect(
         api.clone(),
-        watcher::Config::default().labels(LEASE_KIND_LABEL),
+        watcher::Config::default().labels(&format!("{GROUP_LABEL}={}", config.group)),
     );
     let mut shard = ShardLoop {
         bridge,
@@ -316,10 +318,7 @@ impl ShardLoop {
         let mut members: BTreeMap<String, Option<(PeerId, Option<std::net::SocketAddr>)>> =
             BTreeMap::new();
         for lease in self.store.state() {
-            let labels = lease.labels();
-            if labels.get(LEASE_KIND_LABEL).map(String::as_str) != Some("replica")
-                || labels.get(GROUP_LABEL) != Some(&self.config.group)
-            {
+            if lease.labels().get(LEASE_KIND_LABEL).map(String::as_str) != Some("replica") {
                 continue;
             }
             let Some(id) = holder(&lease) else { continue };
@@ -351,7 +350,7 @@ impl ShardLoop {
 
         let edges = self.bridge.edges.borrow().clone();
         for node in edges.keys() {
-            let name = node_lease_name(node);
+            let name = node_lease_name(&self.config.group, node);
             let lease = self.lease(&name);
             let Some(chosen) = chosen(node, members.keys().map(String::as_str)) else {
                 continue;
@@ -361,6 +360,7 @@ impl ShardLoop {
                 unchanged_for: self.observed.unchanged_for(&name, now),
             });
             let step = step(self.me(), chosen, seen, duration);
+            debug!(%node, %chosen, ?step, holder = ?seen.and_then(|s| s.holder), "node lease");
             let ok = match (step, lease) {
                 (Step::Create, _) => self.create(node).await,
                 (Step::Renew | Step::Acquire, Some(lease)) => {
@@ -410,7 +410,7 @@ impl ShardLoop {
     }
 
     async fn renew_membership(&self) {
-        let name = replica_lease_name(self.me());
+        let name = replica_lease_name(&self.config.group, self.me());
         let mut annotations =
             serde_json::json!({PEER_KEY_ANNOTATION: self.bridge.engine.me().to_string()});
         if let Some(addr) = self.config.advertise {
@@ -465,7 +465,7 @@ impl ShardLoop {
     async fn create(&self, node: &str) -> bool {
         let lease = Lease {
             metadata: ObjectMeta {
-                name: Some(node_lease_name(node)),
+                name: Some(node_lease_name(&self.config.group, node)),
                 namespace: Some(SYSTEM_NAMESPACE.into()),
                 labels: Some(
                     [
@@ -498,7 +498,11 @@ impl ShardLoop {
         next.metadata.managed_fields = None;
         match self
             .api
-            .replace(&node_lease_name(node), &PostParams::default(), &next)
+            .replace(
+                &node_lease_name(&self.config.group, node),
+                &PostParams::default(),
+                &next,
+            )
             .await
         {
             Ok(_) => true,
@@ -514,7 +518,7 @@ impl ShardLoop {
     }
 
     async fn delete(&self, node: &str) {
-        let name = node_lease_name(node);
+        let name = node_lease_name(&self.config.group, node);
         let Some(lease) = self.lease(&name) else {
             return;
         };

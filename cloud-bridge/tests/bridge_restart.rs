@@ -467,7 +467,7 @@ async fn a_killed_bridge_restarts_on_its_replica_loses_nothing_and_resends_nothi
     }
     // The bridge held its node throughout: its own Lease, its own id.
     let shard_lease = Api::<Lease>::namespaced(client.clone(), SYSTEM_NAMESPACE)
-        .get(&shard::node_lease_name(&node))
+        .get(&shard::node_lease_name(&group, &node))
         .await
         .unwrap();
     assert_eq!(
@@ -485,10 +485,12 @@ async fn a_killed_bridge_restarts_on_its_replica_loses_nothing_and_resends_nothi
     let _ = nodes.delete(&node, &dp).await;
     let _ = leases.delete(&node, &dp).await;
     let system: Api<Lease> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
-    let _ = system.delete(&shard::node_lease_name(&node), &dp).await;
+    let _ = system
+        .delete(&shard::node_lease_name(&group, &node), &dp)
+        .await;
     let _ = system
         .delete(
-            &shard::replica_lease_name(&shard::default_replica_id(&cloud_key)),
+            &shard::replica_lease_name(&group, &shard::default_replica_id(&cloud_key)),
             &dp,
         )
         .await;
