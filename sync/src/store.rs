@@ -15,7 +15,10 @@
 use std::path::{Path, PathBuf};
 
 use automerge::{AutoCommit, Change, ChangeHash};
-use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::document::DocId;
@@ -27,6 +30,13 @@ const CF_PEERS: &str = "peers";
 const CF_META: &str = "meta";
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"outpost-store-2";
+/// Memtable size of each column family (RocksDB's default is 64 MB).
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Bound on the memtables of all column families together.
+const DB_WRITE_BUFFER_BYTES: usize = 4 << 20;
+/// One block cache for all column families of a store, index and filter
+/// blocks included.
+const BLOCK_CACHE_BYTES: usize = 2 << 20;
 
 /// Errors of the event store.
 #[derive(Debug, thiserror::Error)]
@@ -215,13 +225,28 @@ impl Store {
         db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         if let Some(disk) = &options.memory {
             db_opts.set_env(&disk.0);
-            // Many small stores share one process: keep each one's buffers small.
-            db_opts.set_write_buffer_size(1 << 20);
-            db_opts.set_max_write_buffer_number(2);
         }
+        // Memory is bounded for every store, on disk or not: an edge node has
+        // little of it, and a simulated fleet holds many stores. Without
+        // this, each column family's memtable could grow to RocksDB's default
+        // 64 MB and each would have its own 32 MB block cache.
+        db_opts.set_write_buffer_size(WRITE_BUFFER_BYTES);
+        db_opts.set_max_write_buffer_number(2);
+        db_opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        db_opts.set_block_based_table_factory(&table);
         let cfs = [CF_CHUNKS, CF_SNAPSHOTS, CF_INDEX, CF_PEERS, CF_META]
             .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+            .map(|name| {
+                let mut cf = Options::default();
+                cf.set_write_buffer_size(WRITE_BUFFER_BYTES);
+                cf.set_max_write_buffer_number(2);
+                cf.set_block_based_table_factory(&table);
+                ColumnFamilyDescriptor::new(name, cf)
+            });
         let db =
             DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| StoreError::Db {
                 path: path.clone(),
