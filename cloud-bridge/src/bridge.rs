@@ -1,6 +1,6 @@
 //! The running bridge: watchers on one side, the replica on the other.
 //!
-//! Four loops share a sync [`Engine`]:
+//! Five loops share a sync [`Engine`]:
 //! - **admission** watches the admission records (Secrets labelled
 //!   [`ADMITTED_LABEL`] in [`SYSTEM_NAMESPACE`]) through a reflector, turns
 //!   them into the engine's roster and publishes the admitted edges;
@@ -15,7 +15,16 @@
 //!   finishing graceful deletions when the edge reports a pod terminated;
 //! - **devices** ([`crate::devices`]) installs the device CRDs, writes
 //!   Devices and DeviceModels into documents, and writes twins and merged
-//!   desired values back, coalesced and rate-bounded.
+//!   desired values back, coalesced and rate-bounded;
+//! - **shards** ([`crate::shard`], when [`BridgeConfig::shards`] is set)
+//!   takes, renews and releases the node Leases of the replicas' group and
+//!   publishes the nodes this replica holds ([`Bridge::held`]) and the other
+//!   replicas ([`Bridge::replicas`]).
+//!
+//! The nodes, pods and devices loops write only the nodes this replica
+//! holds (every admitted node without sharding). A node handed to another
+//! replica is only forgotten: its Node, documents and Leases stay, the new
+//! holder carries on from them.
 //!
 //! Nothing polls: the API side comes from watch streams, the edge side from
 //! the replica's subscriptions. A failed API write is retried after

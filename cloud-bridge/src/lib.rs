@@ -24,10 +24,21 @@
 //!   back to the Device, with losing writes as Events;
 //! - [`bridge`]: the running loops (admission, nodes and leases, pods,
 //!   devices);
+//! - [`shard`]: several replicas of one group splitting the admitted nodes
+//!   with Leases in `outpost-system`; each keeps the whole replicated state
+//!   (sessions with every admitted edge and with the other replicas) and
+//!   writes only the nodes whose Lease it holds; a dead replica's nodes are
+//!   taken over once its Leases expire;
 //! - [`metrics`]: heartbeats, admitted edges, leases and status writes, for
 //!   Prometheus (`outpost-cloud run --metrics-listen`).
 //!
-//! Not yet here: several bridge replicas splitting the nodes.
+//! The replica lives in RocksDB: a restarted bridge loses nothing, keeps its
+//! replica id (derived from its key) and its Leases, and re-listing the API
+//! rewrites no unchanged document (the engine's `put` diffs).
+//!
+//! Not yet here: an edge reaches the one replica its configuration names,
+//! so a dead replica's edges wait for it (their Nodes go NotReady) even
+//! though another replica holds their Leases.
 
 pub mod admission;
 pub mod bridge;
