@@ -282,6 +282,8 @@ struct Pending {
     refused: bool,
 }
 
+/// A device the manager serves. Its twin is kept once, in the published
+/// map ([`Manager::twins`]), and changed there in place.
 struct Running {
     ids: DocIds,
     /// What the driver was built from: a change restarts it.
@@ -292,7 +294,6 @@ struct Running {
     /// The documents it was started from (for the external mapper's messages).
     desired_doc: DeviceDesiredDoc,
     model_doc: Option<DeviceModelDoc>,
-    twin: DeviceTwin,
     report_every: Duration,
     next_report: Instant,
     /// Properties written to the reported document.
@@ -538,7 +539,6 @@ impl Manager {
             self.start(&id, ids, fingerprint, &desired, model);
         }
         self.update_desired(&id, &desired);
-        self.publish(&id);
     }
 
     fn read_model(&self, ns: &str, model: &str) -> Result<DeviceModelDoc, String> {
@@ -620,14 +620,17 @@ impl Manager {
                 }
             }
         }
-        if let Some(prev) = previous {
-            for (name, p) in prev.twin.properties {
-                if let Some(now) = twin.properties.get_mut(&name) {
-                    now.reported = p.reported;
-                    now.applied = p.applied;
+        if previous.is_some() {
+            let twins = self.twins.borrow();
+            if let Some(prev) = twins.get(id) {
+                for (name, p) in &prev.properties {
+                    if let Some(now) = twin.properties.get_mut(name) {
+                        now.reported.clone_from(&p.reported);
+                        now.applied.clone_from(&p.applied);
+                    }
                 }
+                twin.last_online_ms = prev.last_online_ms.or(twin.last_online_ms);
             }
-            twin.last_online_ms = prev.twin.last_online_ms.or(twin.last_online_ms);
         }
         let mut external = self
             .externals
@@ -680,7 +683,6 @@ impl Manager {
                 external,
                 desired_doc: desired.clone(),
                 model_doc,
-                twin,
                 report_every,
                 next_report: Instant::now(),
                 to_cloud,
@@ -688,6 +690,17 @@ impl Manager {
                 pending: HashMap::new(),
             },
         );
+        let changed = self.twins.send_if_modified(|t| {
+            if t.get(id) == Some(&twin) {
+                false
+            } else {
+                t.insert(id.to_owned(), twin);
+                true
+            }
+        });
+        if changed {
+            let _ = self.changes.send(id.to_owned());
+        }
     }
 
     fn remove(&mut self, id: &str) {
@@ -700,8 +713,8 @@ impl Manager {
         if let Some(socket) = &dev.external {
             crate::dmi::send_remove(
                 socket.clone(),
-                dev.twin.namespace.clone(),
-                dev.twin.name.clone(),
+                dev.desired_doc.namespace.clone(),
+                dev.desired_doc.name.clone(),
             );
         }
         info!(device = %id, "device removed from this node: driver stopped");
@@ -724,17 +737,28 @@ impl Manager {
         let Some(dev) = self.devices.get_mut(id) else {
             return;
         };
-        for (name, p) in dev.twin.properties.iter_mut() {
-            let winner = resolved.get(name).map(|r| r.winner.value.clone());
-            if p.desired != winner {
-                dev.dirty = true;
+        // (property, desired, applied) of every property with a desired value.
+        let mut wanted: Vec<(String, String, Option<String>)> = Vec::new();
+        let changed = edit_twin(&self.twins, &self.changes, id, |twin| {
+            let mut changed = false;
+            for (name, p) in twin.properties.iter_mut() {
+                let winner = resolved.get(name).map(|r| r.winner.value.clone());
+                if p.desired != winner {
+                    changed = true;
+                    p.desired = winner;
+                }
+                if let Some(want) = &p.desired {
+                    wanted.push((name.clone(), want.clone(), p.applied.clone()));
+                }
             }
-            p.desired = winner;
+            changed
+        });
+        if changed {
+            dev.dirty = true;
         }
         let now = Instant::now();
-        for (name, p) in &dev.twin.properties {
-            let Some(want) = &p.desired else { continue };
-            if p.applied.as_ref() == Some(want) {
+        for (name, want, applied) in &wanted {
+            if applied.as_ref() == Some(want) {
                 dev.pending.remove(name);
                 continue;
             }
@@ -778,12 +802,7 @@ impl Manager {
                 })
                 .collect();
             if !due.is_empty() {
-                let desired: BTreeMap<String, String> = dev
-                    .twin
-                    .properties
-                    .iter()
-                    .filter_map(|(n, p)| Some((n.clone(), p.desired.clone()?)))
-                    .collect();
+                let desired = desired_values(&self.twins, id);
                 let message = crate::dmi::device_proto(&dev.desired_doc, &desired);
                 crate::dmi::send_update(socket, id.to_owned(), message, due, self.done_tx.clone());
             }
@@ -817,10 +836,14 @@ impl Manager {
         match done.result {
             Ok(()) => {
                 info!(device = %done.device, property = %done.property, value = %done.value, "desired value applied");
-                if let Some(p) = dev.twin.properties.get_mut(&done.property) {
+                edit_twin(&self.twins, &self.changes, &done.device, |twin| {
+                    let Some(p) = twin.properties.get_mut(&done.property) else {
+                        return false;
+                    };
                     p.applied = Some(done.value.clone());
                     p.error = None;
-                }
+                    true
+                });
                 dev.dirty = true;
                 if current.as_ref() == Some(&done.value) {
                     dev.pending.remove(&done.property);
@@ -828,9 +851,15 @@ impl Manager {
             }
             Err(e) => {
                 let refused = matches!(e, WriteError::Refused(_) | WriteError::UnknownProperty(_));
-                if let Some(p) = dev.twin.properties.get_mut(&done.property) {
-                    p.error = Some(format!("desired value {:?}: {e}", done.value));
-                }
+                edit_twin(&self.twins, &self.changes, &done.device, |twin| {
+                    let Some(p) = twin.properties.get_mut(&done.property) else {
+                        return false;
+                    };
+                    let error = Some(format!("desired value {:?}: {e}", done.value));
+                    let changed = p.error != error;
+                    p.error = error;
+                    changed
+                });
                 if let Some(pending) = dev.pending.get_mut(&done.property)
                     && pending.value == done.value
                 {
@@ -855,7 +884,6 @@ impl Manager {
         }
         let id = done.device.clone();
         self.start_due_writes(&id);
-        self.publish(&id);
     }
 
     fn on_report(&mut self, report: Report) {
@@ -865,26 +893,32 @@ impl Manager {
                     return;
                 };
                 let now = now_ms();
-                for r in readings {
-                    let Some(p) = dev.twin.properties.get_mut(&r.property) else {
-                        continue;
-                    };
-                    match r.value {
-                        Ok(v) => {
-                            p.reported = Some(ReportedValue {
-                                value: v.to_string(),
-                                timestamp_ms: now,
-                                kind: Some(p.kind.clone()),
-                                observed_desired: p.applied.clone(),
-                            });
-                            p.error = None;
-                            dev.twin.last_online_ms = Some(now);
+                let changed = edit_twin(&self.twins, &self.changes, &device, |twin| {
+                    let mut changed = false;
+                    for r in readings {
+                        let Some(p) = twin.properties.get_mut(&r.property) else {
+                            continue;
+                        };
+                        changed = true;
+                        match r.value {
+                            Ok(v) => {
+                                p.reported = Some(ReportedValue {
+                                    value: v.to_string(),
+                                    timestamp_ms: now,
+                                    kind: Some(p.kind.clone()),
+                                    observed_desired: p.applied.clone(),
+                                });
+                                p.error = None;
+                                twin.last_online_ms = Some(now);
+                            }
+                            Err(e) => p.error = Some(e.to_string()),
                         }
-                        Err(e) => p.error = Some(e.to_string()),
                     }
+                    changed
+                });
+                if changed {
+                    dev.dirty = true;
                 }
-                dev.dirty = true;
-                self.publish(&device);
             }
             Report::State {
                 device,
@@ -895,10 +929,15 @@ impl Manager {
                     return;
                 };
                 info!(device = %device, state = state.as_str(), error = error.as_deref().unwrap_or(""), "device state");
-                dev.twin.state = state.as_str().into();
-                dev.twin.error = error;
+                edit_twin(&self.twins, &self.changes, &device, |twin| {
+                    twin.state = state.as_str().into();
+                    twin.error = error;
+                    if state == DeviceState::Online {
+                        twin.last_online_ms = Some(now_ms());
+                    }
+                    true
+                });
                 if state == DeviceState::Online {
-                    dev.twin.last_online_ms = Some(now_ms());
                     // Writes waiting for the device go now.
                     let now = Instant::now();
                     for p in dev.pending.values_mut() {
@@ -912,7 +951,6 @@ impl Manager {
                 dev.next_report = Instant::now();
                 self.write_reported(&device);
                 self.start_due_writes(&device);
-                self.publish(&device);
             }
         }
     }
@@ -932,7 +970,12 @@ impl Manager {
                 let ids: Vec<String> = self
                     .devices
                     .iter()
-                    .filter(|(_, d)| d.twin.protocol.eq_ignore_ascii_case(&protocol))
+                    .filter(|(_, d)| {
+                        d.desired_doc
+                            .protocol
+                            .protocol_name
+                            .eq_ignore_ascii_case(&protocol)
+                    })
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in &ids {
@@ -953,18 +996,20 @@ impl Manager {
                     if d.external.is_none() {
                         continue; // its configuration cannot be used: not sent
                     }
-                    let desired: BTreeMap<String, String> = d
-                        .twin
-                        .properties
-                        .iter()
-                        .filter_map(|(n, p)| Some((n.clone(), p.desired.clone()?)))
-                        .collect();
+                    let desired = desired_values(&self.twins, &id);
                     // The mapper writes these itself when it serves the device.
-                    for (name, value) in &desired {
-                        if let Some(p) = d.twin.properties.get_mut(name) {
-                            p.applied = Some(value.clone());
+                    edit_twin(&self.twins, &self.changes, &id, |twin| {
+                        let mut changed = false;
+                        for (name, value) in &desired {
+                            if let Some(p) = twin.properties.get_mut(name)
+                                && p.applied.as_ref() != Some(value)
+                            {
+                                p.applied = Some(value.clone());
+                                changed = true;
+                            }
                         }
-                    }
+                        changed
+                    });
                     d.pending.clear();
                     if let Some(m) = &d.model_doc {
                         models.insert(
@@ -976,10 +1021,6 @@ impl Manager {
                     d.dirty = true;
                 }
                 let _ = reply.send((models.into_values().collect(), devices));
-                let all: Vec<String> = self.devices.keys().cloned().collect();
-                for id in all {
-                    self.publish(&id);
-                }
             }
         }
     }
@@ -1014,20 +1055,25 @@ impl Manager {
         let Some(dev) = self.devices.get_mut(id) else {
             return;
         };
-        let doc = DeviceReportedDoc {
-            state: dev.twin.state.clone(),
-            last_online_ms: dev.twin.last_online_ms,
-            twins: dev
-                .twin
-                .properties
-                .iter()
-                .filter(|(name, _)| dev.to_cloud.contains(name))
-                .filter_map(|(name, p)| {
-                    let mut v = p.reported.clone()?;
-                    v.observed_desired.clone_from(&p.applied);
-                    Some((name.clone(), v))
-                })
-                .collect(),
+        let doc = {
+            let twins = self.twins.borrow();
+            let Some(twin) = twins.get(id) else {
+                return;
+            };
+            DeviceReportedDoc {
+                state: twin.state.clone(),
+                last_online_ms: twin.last_online_ms,
+                twins: twin
+                    .properties
+                    .iter()
+                    .filter(|(name, _)| dev.to_cloud.contains(name))
+                    .filter_map(|(name, p)| {
+                        let mut v = p.reported.clone()?;
+                        v.observed_desired.clone_from(&p.applied);
+                        Some((name.clone(), v))
+                    })
+                    .collect(),
+            }
         };
         dev.dirty = false;
         dev.next_report = Instant::now() + dev.report_every;
@@ -1036,24 +1082,32 @@ impl Manager {
             dev.dirty = true;
         }
     }
+}
 
-    fn publish(&self, id: &str) {
-        let Some(dev) = self.devices.get(id) else {
-            return;
-        };
-        let twin = dev.twin.clone();
-        let changed = self.twins.send_if_modified(|t| {
-            if t.get(id) == Some(&twin) {
-                false
-            } else {
-                t.insert(id.to_owned(), twin);
-                true
-            }
-        });
-        if changed {
-            let _ = self.changes.send(id.to_owned());
-        }
+/// Changes a device's twin in place in the published map; `change` says
+/// whether it changed anything, and subscribers hear only of changes.
+/// Returns whether it did.
+fn edit_twin(
+    twins: &watch::Sender<Twins>,
+    changes: &broadcast::Sender<String>,
+    id: &str,
+    change: impl FnOnce(&mut DeviceTwin) -> bool,
+) -> bool {
+    let changed = twins.send_if_modified(|t| t.get_mut(id).is_some_and(change));
+    if changed {
+        let _ = changes.send(id.to_owned());
     }
+    changed
+}
+
+/// A device's desired values by property.
+fn desired_values(twins: &watch::Sender<Twins>, id: &str) -> BTreeMap<String, String> {
+    twins.borrow().get(id).map_or_else(BTreeMap::new, |twin| {
+        twin.properties
+            .iter()
+            .filter_map(|(n, p)| Some((n.clone(), p.desired.clone()?)))
+            .collect()
+    })
 }
 
 fn spawn_write(

@@ -3,10 +3,12 @@
 //!
 //! Each device runs in its own tokio task with its own driver, so a device that
 //! hangs until its timeout, refuses connections or floods exceptions only
-//! delays itself. Reports go to a bounded channel: value reports are dropped
-//! (and counted in the log) when the consumer lags, since the next cycle brings
-//! fresher ones, while state changes wait for room because a lost "offline"
-//! would leave a stale state behind.
+//! delays itself. Reports go to a bounded channel: when the consumer lags, a
+//! device's value reports are coalesced (a newer reading of a property
+//! replaces the one waiting, counted in the log) and the result waits for
+//! room, so the latest value of every property always arrives and a slow
+//! consumer sees fewer reports, not stale ones. State changes wait for room
+//! too, because a lost "offline" would leave a stale state behind.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,7 +125,7 @@ pub struct DeviceHandle {
 #[derive(Debug, Clone)]
 pub struct DeviceSender {
     id: String,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Box<Command>>,
 }
 
 impl DeviceSender {
@@ -136,11 +138,11 @@ impl DeviceSender {
     ) -> Result<Result<(), WriteError>, Stopped> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Write {
+            .send(Box::new(Command::Write {
                 property: property.to_owned(),
                 value: value.to_owned(),
                 reply,
-            })
+            }))
             .await
             .map_err(|_| Stopped(self.id.clone()))?;
         answer.await.map_err(|_| Stopped(self.id.clone()))
@@ -185,6 +187,9 @@ impl Drop for DeviceHandle {
     }
 }
 
+/// Writes waiting for a device's task; more wait for room.
+const COMMANDS_CAPACITY: usize = 4;
+
 /// Starts a device's task.
 pub fn spawn<D: Driver + 'static>(
     id: impl Into<String>,
@@ -193,7 +198,9 @@ pub fn spawn<D: Driver + 'static>(
     reports: mpsc::Sender<Report>,
 ) -> DeviceHandle {
     let id = id.into();
-    let (commands, inbox) = mpsc::channel(16);
+    // Boxed commands: tokio allocates a channel's slots 32 at a time
+    // whatever its capacity, so small slots keep an idle device small.
+    let (commands, inbox) = mpsc::channel(COMMANDS_CAPACITY);
     let task = tokio::spawn(run(id.clone(), driver, config, reports, inbox));
     DeviceHandle {
         sender: DeviceSender { id, commands },
@@ -206,7 +213,7 @@ async fn run<D: Driver>(
     mut driver: D,
     config: RunConfig,
     reports: mpsc::Sender<Report>,
-    mut inbox: mpsc::Receiver<Command>,
+    mut inbox: mpsc::Receiver<Box<Command>>,
 ) {
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_max, config.seed);
     let mut changes = driver.take_changes();
@@ -214,7 +221,9 @@ async fn run<D: Driver>(
     let mut tick = tokio::time::interval(config.collect_cycle.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut next_connect = Instant::now();
-    let mut dropped: u64 = 0;
+    let mut coalesced: u64 = 0;
+    // Value reports waiting for room in `reports`.
+    let mut unsent: Option<Vec<Reading>> = None;
     let mut link: Option<watch::Receiver<bool>> = None;
     let mut upkeep = driver.maintenance_interval().map(|every| {
         let mut t = tokio::time::interval(every.max(Duration::from_millis(1)));
@@ -224,7 +233,9 @@ async fn run<D: Driver>(
     loop {
         if !driver.is_connected() && Instant::now() >= next_connect {
             let started = Instant::now();
-            let connected = driver.connect().await;
+            // Boxed: the task's own future then holds a pointer, not the
+            // driver's largest future.
+            let connected = Box::pin(driver.connect()).await;
             observe(&config, Op::Connect, started, connected.is_ok());
             match connected {
                 // The backoff is reset by a successful read, not by the
@@ -246,7 +257,7 @@ async fn run<D: Driver>(
         tokio::select! {
             _ = tick.tick(), if connected => {
                 let started = Instant::now();
-                let read = driver.read().await;
+                let read = Box::pin(driver.read()).await;
                 observe(
                     &config,
                     Op::Read,
@@ -256,14 +267,7 @@ async fn run<D: Driver>(
                 match read {
                     Ok(readings) => {
                         backoff.reset();
-                        if let Err(mpsc::error::TrySendError::Full(_)) =
-                            reports.try_send(Report::Values { device: id.clone(), readings })
-                        {
-                            dropped += 1;
-                            if dropped.is_power_of_two() {
-                                warn!(device = %id, dropped, "report consumer lags; value reports dropped");
-                            }
-                        }
+                        offer(&id, &reports, &mut unsent, readings, &mut coalesced);
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
@@ -291,19 +295,25 @@ async fn run<D: Driver>(
             change = recv_change(&mut changes) => {
                 match change {
                     Some(reading) => {
-                        let _ = reports.try_send(Report::Values { device: id.clone(), readings: vec![reading] });
+                        offer(&id, &reports, &mut unsent, vec![reading], &mut coalesced);
                     }
                     None => changes = None,
                 }
             }
+            permit = reports.reserve(), if unsent.is_some() => {
+                let readings = unsent.take().unwrap_or_default();
+                if let Ok(permit) = permit {
+                    permit.send(Report::Values { device: id.clone(), readings });
+                }
+            }
             command = inbox.recv() => {
-                let Some(Command::Write { property, value, reply }) = command else {
+                let Some(Command::Write { property, value, reply }) = command.map(|c| *c) else {
                     debug!(device = %id, "handle dropped; stopping");
                     return;
                 };
                 let result = if driver.is_connected() {
                     let started = Instant::now();
-                    let result = driver.write(&property, &value).await;
+                    let result = Box::pin(driver.write(&property, &value)).await;
                     observe(&config, Op::Write, started, result.is_ok());
                     result
                 } else {
@@ -316,6 +326,44 @@ async fn run<D: Driver>(
                 };
                 let _ = reply.send(result);
                 report_state(&id, driver.health().clone(), &mut state, &reports).await;
+            }
+        }
+    }
+}
+
+/// Sends readings as a value report, merged into those still waiting; when
+/// there is no room they wait (see the module docs).
+fn offer(
+    id: &str,
+    reports: &mpsc::Sender<Report>,
+    unsent: &mut Option<Vec<Reading>>,
+    readings: Vec<Reading>,
+    coalesced: &mut u64,
+) {
+    let merged = match unsent.take() {
+        None => readings,
+        Some(mut waiting) => {
+            for r in readings {
+                match waiting.iter_mut().find(|w| w.property == r.property) {
+                    Some(w) => *w = r,
+                    None => waiting.push(r),
+                }
+            }
+            waiting
+        }
+    };
+    match reports.try_send(Report::Values {
+        device: id.to_owned(),
+        readings: merged,
+    }) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(report)) => {
+            if let Report::Values { readings, .. } = report {
+                *unsent = Some(readings);
+            }
+            *coalesced += 1;
+            if coalesced.is_power_of_two() {
+                warn!(device = %id, coalesced, "report consumer lags; value reports coalesced");
             }
         }
     }
