@@ -103,8 +103,11 @@ impl Observer for ProtocolObserver {
             .duration
             .get_or_create(&label)
             .observe(elapsed.as_secs_f64());
+        // The series exists from the first operation on, at zero, so that
+        // a dashboard shows "no errors" rather than "no data".
+        let errors = self.metrics.errors.get_or_create(&label);
         if !ok {
-            self.metrics.errors.get_or_create(&label).inc();
+            errors.inc();
         }
     }
 }

@@ -313,3 +313,69 @@ async fn every_dashboard_query_is_accepted_by_prometheus() {
         );
     }
 }
+
+/// The local fleet (`scripts/run`), scraped by the environment's
+/// Prometheus: every panel's query returns data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_fleet_fills_every_panel() {
+    let base = env_value("OUTPOST_PROMETHEUS_URL").unwrap_or_else(|e| panic!("{e}"));
+    let log = std::env::temp_dir().join("outpost-fleet-panels.log");
+    let mut fleet = std::process::Command::new(repo("scripts/run"))
+        .args(["--duration", "600"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .expect("start scripts/run");
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // The script's trap deletes the example workload and stops
+            // the processes it started.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.0.to_string()])
+                .status();
+        }
+    }
+    let stop = Stop(fleet.id());
+
+    let dashboard = dashboard();
+    let mut queries = Vec::new();
+    for panel in panels(&dashboard) {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            queries.push((panel["title"].to_string(), substitute(expr)));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(420);
+    let mut empty: Vec<String> = Vec::new();
+    loop {
+        if let Some(status) = fleet.try_wait().unwrap() {
+            panic!(
+                "scripts/run exited ({status}) before the panels had data: {}",
+                std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+            );
+        }
+        let up = query(&base, "count(up{job=\"outpost\"} == 1)").await;
+        if up["data"]["result"][0]["value"][1] == "4" {
+            empty.clear();
+            for (title, promql) in &queries {
+                let answer = query(&base, promql).await;
+                let results = answer["data"]["result"].as_array().map_or(0, Vec::len);
+                if results == 0 {
+                    empty.push(format!("{title}: {promql}"));
+                }
+            }
+            if empty.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "panels without data after the fleet started: {empty:#?}\n{}",
+            std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+    drop(stop);
+    let _ = fleet.wait();
+}
