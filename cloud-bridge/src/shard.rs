@@ -236,6 +236,8 @@ struct ShardLoop {
     observed: Observed,
     /// Nodes held, with when this replica last renewed each.
     held: BTreeMap<String, Instant>,
+    /// When the membership Lease was last renewed.
+    member_renewed: Option<Instant>,
 }
 
 /// Runs the shard loop of `bridge`: keeps its membership Lease, takes,
@@ -254,6 +256,7 @@ pub(crate) async fn run(bridge: Bridge, config: ShardConfig) -> Result<(), Bridg
         store,
         observed: Observed::default(),
         held: BTreeMap::new(),
+        member_renewed: None,
     };
     info!(group = %shard.config.group, replica = %shard.config.replica_id, lease_duration_s = shard.config.lease_duration_s, "splitting nodes with the group's replicas");
     let mut edges_rx = shard.bridge.edges();
@@ -311,8 +314,15 @@ impl ShardLoop {
     async fn tick(&mut self) {
         let now = Instant::now();
         let duration = self.config.duration();
+        // Ticks also come from events (admissions, released Leases): a
+        // Lease is written only once half a renewal period has passed.
+        let due = |renewed: Option<&Instant>| {
+            renewed.is_none_or(|t| now.saturating_duration_since(*t) >= duration / 6)
+        };
         self.observed.update(&self.store.state(), now);
-        self.renew_membership().await;
+        if due(self.member_renewed.as_ref()) && self.renew_membership().await {
+            self.member_renewed = Some(now);
+        }
 
         // Live replicas of the group, this one included.
         let mut members: BTreeMap<String, Option<(PeerId, Option<std::net::SocketAddr>)>> =
@@ -363,6 +373,7 @@ impl ShardLoop {
             debug!(%node, %chosen, ?step, holder = ?seen.and_then(|s| s.holder), "node lease");
             let ok = match (step, lease) {
                 (Step::Create, _) => self.create(node).await,
+                (Step::Renew, Some(_)) if !due(self.held.get(node)) => continue,
                 (Step::Renew | Step::Acquire, Some(lease)) => {
                     self.write(node, &lease, Some(self.me().to_owned())).await
                 }
@@ -409,7 +420,7 @@ impl ShardLoop {
         }
     }
 
-    async fn renew_membership(&self) {
+    async fn renew_membership(&self) -> bool {
         let name = replica_lease_name(&self.config.group, self.me());
         let mut annotations =
             serde_json::json!({PEER_KEY_ANNOTATION: self.bridge.engine.me().to_string()});
@@ -431,12 +442,16 @@ impl ShardLoop {
                 "renewTime": MicroTime(Timestamp::now()),
             },
         });
-        if let Err(e) = self
+        match self
             .api
             .patch(&name, &self.bridge.apply_params(), &Patch::Apply(&lease))
             .await
         {
-            warn!(error = %e, "cannot renew this replica's membership lease");
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "cannot renew this replica's membership lease");
+                false
+            }
         }
     }
 
