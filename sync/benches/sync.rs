@@ -50,10 +50,10 @@ fn roster() -> Roster {
 }
 
 fn row(name: &str, figure: String, baseline: String, ratio: String, target: &str, ok: bool) {
-    println!(
-        "| {name} | {figure} | {baseline} | {ratio} | {target} | {} |",
-        if ok { "met" } else { "NOT met" }
-    );
+    let met = if ok { "met" } else { "NOT met" };
+    println!("| {name} | {figure} | {baseline} | {ratio} | {target} | {met} |");
+    // One line per figure for scripts/bench's summary table.
+    println!("BENCH|sync: {name}|{figure}|{baseline}|{target}|{met}");
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
