@@ -67,8 +67,25 @@ struct JoinArgs {
     data_dir: std::path::PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Worker threads of the runtime, at most: the agent is mostly idle, and
+/// each thread that allocates can hold a malloc arena of its own.
+const WORKER_THREADS_MAX: usize = 2;
+/// Threads for blocking work (file I/O), at most; tokio's default is 512.
+const BLOCKING_THREADS_MAX: usize = 4;
+
+fn main() -> anyhow::Result<()> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(WORKER_THREADS_MAX);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
+        .enable_all()
+        .build()?
+        .block_on(agent_main())
+}
+
+async fn agent_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
