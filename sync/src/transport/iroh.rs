@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use iroh::endpoint::presets;
+use iroh::endpoint::{IdleTimeout, QuicTransportConfig, presets};
 use iroh::{Endpoint, EndpointAddr, EndpointId, SecretKey};
 
 /// The ALPN of Outpost's sync protocol.
@@ -34,6 +34,11 @@ pub enum BindError {
     },
 }
 
+/// Interval of QUIC keep-alives on sync connections.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3);
+/// A connection silent this long is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(12);
+
 /// Binds an endpoint for the sync protocol on one UDP socket address, with
 /// no relay and no address lookup.
 pub async fn bind(secret_key: SecretKey, addr: SocketAddr) -> Result<Endpoint, BindError> {
@@ -44,7 +49,16 @@ pub async fn bind(secret_key: SecretKey, addr: SocketAddr) -> Result<Endpoint, B
             addr,
             reason: e.to_string(),
         })?;
+    // A peer that vanished (killed, powered off, cut off) is noticed within
+    // IDLE_TIMEOUT, so that its replacement or its return starts a new
+    // session instead of waiting on a dead one; keep-alives every
+    // KEEP_ALIVE leave several chances on a lossy link.
+    let transport = QuicTransportConfig::builder()
+        .keep_alive_interval(KEEP_ALIVE)
+        .max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok())
+        .build();
     builder
+        .transport_config(transport)
         .secret_key(secret_key)
         .alpns(vec![SYNC_ALPN.to_vec()])
         .bind()
