@@ -96,8 +96,8 @@ impl Agent {
         let key = outpost_sync::identity::load_or_create(&config.data_dir)?;
         let replica = open_replica(&config.data_dir)?;
         let mut roster = Roster::new();
-        let cloud = config.cloud_peer();
-        if let Some(cloud) = &cloud {
+        let clouds = config.cloud_peers();
+        for cloud in &clouds {
             roster.insert(PeerId::from(cloud.id), Role::Cloud);
         }
         let engine = Engine::new(replica, roster, SyncMetrics::default());
@@ -165,7 +165,11 @@ impl Agent {
                 twins: twins.view(),
                 node: config.node_name.clone(),
                 site: config.site.clone(),
-                peers: cloud.iter().map(|c| PeerId::from(c.id)).collect(),
+                peers: config
+                    .cloud_peers()
+                    .iter()
+                    .map(|c| PeerId::from(c.id))
+                    .collect(),
                 metrics,
                 registry: Arc::new(registry),
             };
@@ -176,13 +180,17 @@ impl Agent {
             });
         }
         let mut endpoint = None;
-        if let Some(cloud) = cloud {
+        if !clouds.is_empty() {
             let ep = outpost_sync::transport::iroh::bind(key, config.listen).await?;
-            info!(id = %ep.id(), cloud = %cloud, "syncing with the cloud");
             let (e1, ep1) = (engine.clone(), ep.clone());
             tasks.spawn(async move { e1.accept_loop(ep1).await });
-            let (e2, ep2) = (engine.clone(), ep.clone());
-            tasks.spawn(async move { e2.dial_loop(ep2, cloud).await });
+            // Every bridge replica keeps a full replica: sessions with each,
+            // so that the loss of one changes nothing here.
+            for cloud in clouds {
+                info!(id = %ep.id(), cloud = %cloud, "syncing with the cloud");
+                let (e2, ep2) = (engine.clone(), ep.clone());
+                tasks.spawn(async move { e2.dial_loop(ep2, cloud).await });
+            }
             endpoint = Some(ep);
         } else {
             info!("no cloud configured: running alone from the local replica");

@@ -89,7 +89,8 @@ pub struct RunArgs {
     /// The site this node belongs to, for documents shared by a site [default: none].
     #[arg(long, env = "OUTPOST_SITE")]
     pub site: Option<String>,
-    /// The cloud bridge, as `<endpoint id>@<ip:port>` [default: none; the node runs alone].
+    /// The cloud bridge, as `<endpoint id>@<ip:port>`; several bridge replicas
+    /// separated by commas [default: none; the node runs alone].
     #[arg(long, env = "OUTPOST_CLOUD")]
     pub cloud: Option<String>,
     /// UDP address of this agent's iroh endpoint [default: 0.0.0.0:0].
@@ -294,12 +295,12 @@ impl Config {
         };
         let cloud = a.cloud.or(file.cloud);
         if let Some(cloud) = &cloud {
-            cloud
-                .parse::<PeerAddr>()
-                .map_err(|e| ConfigError::Invalid {
+            for one in cloud.split(',').map(str::trim) {
+                one.parse::<PeerAddr>().map_err(|e| ConfigError::Invalid {
                     name: "cloud",
-                    reason: e.to_string(),
+                    reason: format!("{one:?}: {e}"),
                 })?;
+            }
         }
         let config = Config {
             data_dir: a
@@ -359,9 +360,16 @@ impl Config {
         Ok(config)
     }
 
-    /// The cloud peer, parsed.
-    pub fn cloud_peer(&self) -> Option<PeerAddr> {
-        self.cloud.as_deref().and_then(|c| c.parse().ok())
+    /// The cloud bridge replicas, parsed (the agent syncs with each).
+    pub fn cloud_peers(&self) -> Vec<PeerAddr> {
+        self.cloud
+            .as_deref()
+            .map(|c| {
+                c.split(',')
+                    .filter_map(|one| one.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The restart back-off settings.
