@@ -196,6 +196,26 @@ pub struct TwinStatus {
     /// `kubectl get`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twin_summary: Option<String>,
+    /// Outpost: `Ready`, whether the node serves the device and it answers,
+    /// with the reason when it does not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<DeviceCondition>,
+}
+
+/// A condition of a device, as Kubernetes writes conditions.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCondition {
+    /// `Ready`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One word: `Online`, `Connecting`, `DeviceOffline`, `ConfigurationInvalid`.
+    pub reason: String,
+    /// What the node said, when it says something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A property's twin: what the device reported and the desired value it

@@ -119,6 +119,7 @@ pub(crate) async fn run(bridge: Bridge) -> Result<(), BridgeError> {
         bucket: TokenBucket::new(rate, rate, tokio::time::Instant::now()),
         written: HashMap::new(),
         owned: HashMap::new(),
+        problems: HashMap::new(),
     };
     let (retry_tx, retry_rx) = mpsc::unbounded_channel();
     let device_loop = DeviceLoop {
@@ -858,6 +859,8 @@ struct StatusWriter {
     written: HashMap<DeviceKey, (String, TwinStatus)>,
     /// The Device uid each DeviceStatus object was applied for.
     owned: HashMap<DeviceKey, String>,
+    /// The last problem published as an Event per device.
+    problems: HashMap<DeviceKey, String>,
 }
 
 impl StatusWriter {
@@ -923,6 +926,25 @@ impl StatusWriter {
         let status = convert::twin_status(reported.as_ref(), &resolved, |w| {
             writer_name(&edges, &me, w)
         });
+        // A device its node cannot serve, or that stopped answering, is told
+        // as a Warning Event, once per distinct problem.
+        let problem = status
+            .conditions
+            .iter()
+            .find(|c| c.status == "False")
+            .map(|c| (c.reason.clone(), c.message.clone().unwrap_or_default()));
+        match problem {
+            Some((reason, message)) if self.problems.get(key) != Some(&message) => {
+                warn!(device = %key, %reason, %message, "device not served");
+                let note = format!("node {node}: {message}");
+                publish_event(&self.bridge, &device, "Warning", &reason, "Serve", note).await;
+                self.problems.insert(key.clone(), message);
+            }
+            Some(_) => {}
+            None => {
+                self.problems.remove(key);
+            }
+        }
         // Nothing reported and no conflict: nothing to say (and a bridge
         // whose replica lacks the report must not blank what another wrote).
         let conflicts = resolved.values().any(|r| !r.losers.is_empty());

@@ -437,6 +437,8 @@ async fn the_kubeedge_example_reaches_the_edge_and_leaves_with_its_device() {
             &DeviceReportedDoc {
                 state: "online".into(),
                 last_online_ms: Some(now_ms()),
+                error: None,
+                unservable: false,
                 twins: [(
                     "temp".to_owned(),
                     ReportedValue {
@@ -538,6 +540,8 @@ async fn many_devices_reporting_fast_reach_the_api_coalesced_within_the_rate() {
                 let doc = DeviceReportedDoc {
                     state: "online".into(),
                     last_online_ms: Some(now_ms()),
+                    error: None,
+                    unservable: false,
                     twins: [(
                         "temp".to_owned(),
                         ReportedValue {
@@ -845,6 +849,55 @@ async fn malformed_devices_get_a_warning_and_the_bridge_goes_on() {
         async || s.edge.read_json(&good).unwrap(),
     )
     .await;
+
+    // The edge cannot serve a device (its protocol is unknown there): a
+    // condition in its status and a Warning Event say why.
+    s.create_yaml(&device_yaml("zig", &s.node, "no-such-model", "1").replace("modbus", "zigbee"))
+        .await
+        .unwrap();
+    until(
+        "the zigbee device at the edge",
+        Duration::from_secs(20),
+        async || s.edge.read_json(&s.desired_doc("zig")).unwrap(),
+    )
+    .await;
+    s.edge
+        .put(
+            &s.reported_doc("zig"),
+            &DeviceReportedDoc {
+                state: "offline".into(),
+                error: Some("device default/zig: unknown protocol \"zigbee\"".into()),
+                unservable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let events = until(
+        "a ConfigurationInvalid Event",
+        Duration::from_secs(20),
+        async || {
+            let events = s.events("ConfigurationInvalid", "zig").await;
+            (!events.is_empty()).then_some(events)
+        },
+    )
+    .await;
+    assert!(
+        events[0].note.clone().unwrap().contains("zigbee"),
+        "{:?}",
+        events[0]
+    );
+    let statuses: Api<DeviceStatus> = Api::namespaced(s.client.clone(), &s.ns);
+    let status = statuses.get("zig").await.unwrap().status.unwrap();
+    let ready = &status.conditions[0];
+    assert_eq!(
+        (
+            ready.kind.as_str(),
+            ready.status.as_str(),
+            ready.reason.as_str()
+        ),
+        ("Ready", "False", "ConfigurationInvalid"),
+        "{status:?}"
+    );
     assert!(!s.task.is_finished(), "the bridge still runs");
     s.cleanup().await;
 }
@@ -905,6 +958,8 @@ async fn a_thousand_devices_reporting_every_second_stay_within_the_rate() {
                 let doc = DeviceReportedDoc {
                     state: "online".into(),
                     last_online_ms: Some(now_ms()),
+                    error: None,
+                    unservable: false,
                     twins: [(
                         "temp".to_owned(),
                         ReportedValue {

@@ -1062,6 +1062,8 @@ impl Manager {
             };
             DeviceReportedDoc {
                 state: twin.state.clone(),
+                error: twin.error.clone(),
+                unservable: dev.handle.is_none() && dev.external.is_none(),
                 last_online_ms: twin.last_online_ms,
                 twins: twin
                     .properties

@@ -230,7 +230,11 @@ async fn devices_go_offline_and_back_bad_devices_are_reported_and_deleted_device
             &fleet.cloud,
             "broken",
             "the broken device is reported",
-            |d| d.state == "offline",
+            |d| {
+                d.state == "offline"
+                    && d.unservable
+                    && d.error.as_deref().unwrap_or("").contains("zigbee")
+            },
         )
         .await;
     let broken = twins.view().device("default/broken").unwrap();

@@ -896,6 +896,14 @@ pub struct DeviceReportedDoc {
     /// Reported values by property.
     #[serde(default)]
     pub twins: BTreeMap<String, ReportedValue>,
+    /// Why the device is offline or not served, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The device's configuration cannot be used here (unknown protocol, a
+    /// property its model lacks, a visitor that does not fit): the node
+    /// does not try it until the configuration changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unservable: bool,
 }
 
 impl Schema for DeviceReportedDoc {

@@ -178,6 +178,8 @@ fn every_kind_writes_and_reads_back_and_an_unchanged_value_makes_no_change() {
     let reported = DeviceReportedDoc {
         state: "online".into(),
         last_online_ms: Some(7),
+        error: None,
+        unservable: false,
         twins: BTreeMap::from([(
             "temp".into(),
             ReportedValue {

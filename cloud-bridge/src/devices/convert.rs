@@ -13,7 +13,8 @@ use outpost_sync::schema::{self, DeviceDesiredDoc, DeviceModelDoc, DeviceReporte
 use serde_json::{Value, json};
 
 use crate::crd::{
-    DesiredConflict, Device, DeviceModel, ProtocolConfig, Twin, TwinProperty, TwinStatus,
+    DesiredConflict, Device, DeviceCondition, DeviceModel, ProtocolConfig, Twin, TwinProperty,
+    TwinStatus,
 };
 
 /// The longest `twinSummary` written, in bytes.
@@ -274,13 +275,38 @@ pub fn twin_status(
     }
     let twins: Vec<Twin> = twins.into_values().collect();
     let summary = summary(&twins);
+    let conditions = reported.map(ready_condition).into_iter().collect();
     TwinStatus {
+        conditions,
         state: reported.map(|r| r.state.clone()).filter(|s| !s.is_empty()),
         last_online_time: reported.and_then(|r| r.last_online_ms).map(ms_time),
         twin_summary: (!summary.is_empty()).then_some(summary),
         twins,
         report_to_cloud: None,
         report_cycle: None,
+    }
+}
+
+/// The `Ready` condition of a device from what its node reports.
+pub fn ready_condition(reported: &DeviceReportedDoc) -> DeviceCondition {
+    let (status, reason) = if reported.unservable {
+        ("False", "ConfigurationInvalid")
+    } else {
+        match reported.state.as_str() {
+            "online" => ("True", "Online"),
+            "offline" => ("False", "DeviceOffline"),
+            _ => ("Unknown", "Connecting"),
+        }
+    };
+    DeviceCondition {
+        kind: "Ready".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: reported
+            .error
+            .clone()
+            .filter(|_| status != "True")
+            .map(|m| m.chars().take(1024).collect()),
     }
 }
 
@@ -536,6 +562,8 @@ mod tests {
         let reported = DeviceReportedDoc {
             state: "online".into(),
             last_online_ms: Some(1_700_000_000_000),
+            error: None,
+            unservable: false,
             twins: BTreeMap::from([
                 (
                     "temp".to_owned(),
@@ -588,6 +616,34 @@ mod tests {
         );
         let empty = twin_status(None, &BTreeMap::new(), |w| w.to_owned());
         assert_eq!(empty, TwinStatus::default());
+    }
+
+    #[test]
+    fn the_ready_condition_says_why_a_device_is_not_served() {
+        let doc = |state: &str, error: Option<&str>, unservable| DeviceReportedDoc {
+            state: state.into(),
+            error: error.map(Into::into),
+            unservable,
+            ..Default::default()
+        };
+        let c = ready_condition(&doc("offline", Some("unknown protocol \"zigbee\""), true));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ConfigurationInvalid")
+        );
+        assert!(c.message.unwrap().contains("zigbee"));
+        let c = ready_condition(&doc("offline", Some("connect failed"), false));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "DeviceOffline")
+        );
+        let c = ready_condition(&doc("online", Some("old error"), false));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str(), c.message),
+            ("True", "Online", None)
+        );
+        let c = ready_condition(&doc("unknown", None, false));
+        assert_eq!(c.status, "Unknown");
     }
 
     #[test]
