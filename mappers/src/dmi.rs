@@ -465,7 +465,9 @@ fn apply_desired(sender: DeviceSender, id: String, property: String, value: Stri
                     warn!(device = %id, %property, %value, error = %e, "desired value refused");
                     return;
                 }
-                Ok(Err(e)) => debug!(device = %id, %property, error = %e, "desired value not applied yet"),
+                Ok(Err(e)) => {
+                    debug!(device = %id, %property, error = %e, "desired value not applied yet")
+                }
                 Err(_) => return,
             }
             tokio::time::sleep(delay).await;
