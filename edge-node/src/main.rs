@@ -70,7 +70,8 @@ struct JoinArgs {
 /// Worker threads of the runtime, at most: the agent is mostly idle, and
 /// each thread that allocates can hold a malloc arena of its own.
 const WORKER_THREADS_MAX: usize = 2;
-/// Threads for blocking work (file I/O), at most; tokio's default is 512.
+/// Threads for blocking work (name lookups, file I/O in dependencies), at
+/// most; tokio's default is 512.
 const BLOCKING_THREADS_MAX: usize = 4;
 
 fn main() -> anyhow::Result<()> {
