@@ -158,6 +158,9 @@ struct LastLocal {
 const META_INCARNATION: &[u8] = b"incarnation";
 const META_CLOCK: &[u8] = b"clock";
 
+/// Changed documents a scoped subscription holds before it lags.
+const SCOPED_QUEUE: usize = 4096;
+
 /// The documents of one peer.
 pub struct Replica {
     store: Store,
@@ -167,6 +170,11 @@ pub struct Replica {
     clock: Clock,
     options: ReplicaOptions,
     events: broadcast::Sender<DocId>,
+    /// Scoped subscriptions, each with a queue of its own, filled only
+    /// with documents of its scope: a burst of changes elsewhere (pod
+    /// statuses) never makes a subscriber to other kinds (node heartbeats)
+    /// lag.
+    scoped: Vec<(Scope, broadcast::Sender<DocId>)>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -348,6 +356,7 @@ impl Replica {
             clock: Clock::starting_after(last),
             options,
             events,
+            scoped: Vec::new(),
         })
     }
 
@@ -375,11 +384,22 @@ impl Replica {
 
     /// Ids of changed documents within `scope`, as they are persisted. See
     /// [`Subscription`].
-    pub fn subscribe_scope(&self, scope: Scope) -> Subscription {
-        Subscription {
-            rx: self.events.subscribe(),
-            scope,
+    pub fn subscribe_scope(&mut self, scope: Scope) -> Subscription {
+        let (tx, rx) = broadcast::channel(SCOPED_QUEUE);
+        self.scoped.push((scope.clone(), tx));
+        Subscription { rx, scope }
+    }
+
+    /// Tells subscribers that `doc` changed (and forgets subscriptions
+    /// whose receiver is gone).
+    fn publish(&mut self, doc: DocId) {
+        self.scoped.retain(|(_, tx)| tx.receiver_count() > 0);
+        for (scope, tx) in &self.scoped {
+            if scope.matches(&doc) {
+                let _ = tx.send(doc.clone());
+            }
         }
+        let _ = self.events.send(doc);
     }
 
     /// The hybrid logical clock's next timestamp.
@@ -492,7 +512,7 @@ impl Replica {
             self.discard(std::slice::from_ref(doc));
             return Err(e.into());
         }
-        let _ = self.events.send(doc.clone());
+        self.publish(doc.clone());
         Ok(true)
     }
 
@@ -601,7 +621,7 @@ impl Replica {
             return Err(e.into());
         }
         for doc in touched {
-            let _ = self.events.send(doc);
+            self.publish(doc);
         }
         Ok(out)
     }
@@ -871,7 +891,7 @@ impl Replica {
             return Err(e.into());
         }
         for doc in touched {
-            let _ = self.events.send(doc);
+            self.publish(doc);
         }
         Ok(results)
     }

@@ -203,6 +203,27 @@ fn a_scoped_subscription_sees_only_its_documents() {
 }
 
 #[test]
+fn a_burst_of_other_documents_does_not_make_a_scoped_subscription_lag() {
+    use outpost_sync::replica::Scope;
+    let mut r = Replica::open(dir("burst"), PeerId([7; 32]), ReplicaOptions::default()).unwrap();
+    let mut heartbeats = r.subscribe_scope(Scope::all().kinds([DocKind::NodeStatus]));
+    let node: DocId = "node-status/edge-1".parse().unwrap();
+    r.write_json(&node, &json!({"heartbeatMs": 1}), 1).unwrap();
+    // Thousands of pod statuses (a reconnect storm's backlog)...
+    for i in 0..5_000 {
+        let doc: DocId = format!("pod-status/edge-2/default/p-{i}/u-{i}")
+            .parse()
+            .unwrap();
+        r.write_json(&doc, &json!({"phase": "Running"}), 2).unwrap();
+    }
+    r.write_json(&node, &json!({"heartbeatMs": 2}), 3).unwrap();
+    // ...and the heartbeat subscriber still sees each heartbeat, no lag.
+    assert_eq!(heartbeats.try_recv().unwrap(), Some(node.clone()));
+    assert_eq!(heartbeats.try_recv().unwrap(), Some(node));
+    assert_eq!(heartbeats.try_recv().unwrap(), None);
+}
+
+#[test]
 fn a_deletion_is_persisted_and_a_stale_change_does_not_revive_it() {
     let d = dir("delete");
     let doc: DocId = "pod-spec/edge-1/default/web/u-1".parse().unwrap();
