@@ -288,7 +288,7 @@ pub(crate) fn retry<T: Send + 'static>(tx: &mpsc::UnboundedSender<T>, key: T, de
 }
 
 /// What the node loop knows of one node.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct NodeState {
     uid: Option<String>,
     /// The newest heartbeat seen (edge clock, ms).
@@ -304,7 +304,19 @@ struct NodeLoop {
     store: Store<Node>,
     retry_tx: mpsc::UnboundedSender<String>,
     retry_rx: mpsc::UnboundedReceiver<String>,
+    /// Projections running, one per node at most, [`PROJECT_CONCURRENCY`]
+    /// at once: a Lease renewal waits for no other node's API calls.
+    running: tokio::task::JoinSet<(String, NodeState, bool)>,
+    /// Nodes being projected now.
+    inflight: HashSet<String>,
+    /// Nodes to project again when their running projection ends, and
+    /// nodes waiting for a free slot.
+    again: HashSet<String>,
+    waiting: std::collections::VecDeque<String>,
 }
+
+/// Nodes projected (Lease and status written) at once.
+const PROJECT_CONCURRENCY: usize = 16;
 
 impl NodeLoop {
     fn new(bridge: Bridge) -> Self {
@@ -315,6 +327,61 @@ impl NodeLoop {
             store: reflector::store::<Node>().0,
             retry_tx,
             retry_rx,
+            running: tokio::task::JoinSet::new(),
+            inflight: HashSet::new(),
+            again: HashSet::new(),
+            waiting: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Projects a node's status (Lease, Node status) as soon as a slot is
+    /// free; a node already being projected is projected again after.
+    fn schedule(&mut self, node: &str) {
+        if self.inflight.contains(node) {
+            self.again.insert(node.to_owned());
+            return;
+        }
+        if self.inflight.len() >= PROJECT_CONCURRENCY {
+            if !self.again.contains(node) {
+                self.again.insert(node.to_owned());
+                self.waiting.push_back(node.to_owned());
+            }
+            return;
+        }
+        let Some(state) = self.nodes.get(node).cloned() else {
+            return; // not admitted (or not applied yet: ensure_node comes back here)
+        };
+        self.inflight.insert(node.to_owned());
+        let (bridge, store, node) = (self.bridge.clone(), self.store.clone(), node.to_owned());
+        self.running.spawn(async move {
+            let (state, failed) = project_node(&bridge, &store, &node, state).await;
+            (node, state, failed)
+        });
+    }
+
+    /// A projection ended: keeps its state, retries a failure, starts what
+    /// waited.
+    fn finished(&mut self, node: String, state: NodeState, failed: bool) {
+        self.inflight.remove(&node);
+        // The node may have been removed meanwhile; keep a uid cleared by a
+        // 404 (the Node is applied again).
+        if let Some(slot) = self.nodes.get_mut(&node) {
+            *slot = state;
+        }
+        if failed {
+            retry(&self.retry_tx, node.clone(), self.bridge.config.retry_after);
+        }
+        if self.again.remove(&node) {
+            self.waiting.retain(|n| n != &node);
+            self.schedule(&node);
+        }
+        while self.inflight.len() < PROJECT_CONCURRENCY {
+            let Some(next) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.again.remove(&next) {
+                self.schedule(&next);
+            }
         }
     }
 
@@ -355,16 +422,22 @@ impl NodeLoop {
                     Some(doc) => {
                         if let outpost_sync::document::Owner::Node(node) = doc.owner() {
                             let node = node.to_owned();
-                            self.project(&node).await;
+                            self.schedule(&node);
                         }
                     }
                     None => {
                         let nodes: Vec<String> = self.nodes.keys().cloned().collect();
                         for node in nodes {
-                            self.project(&node).await;
+                            self.schedule(&node);
                         }
                     }
                 },
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    match done {
+                        Ok((node, state, failed)) => self.finished(node, state, failed),
+                        Err(e) => warn!(error = %e, "a node projection failed"),
+                    }
+                }
                 event = node_events.next() => match event {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => warn!(error = %e, "node watch failed; retrying"),
@@ -376,7 +449,7 @@ impl NodeLoop {
                         if self.nodes.get(&node).is_none_or(|s| s.uid.is_none()) {
                             self.ensure_node(&edge).await;
                         } else {
-                            self.project(&node).await;
+                            self.schedule(&node);
                         }
                     }
                 }
@@ -414,7 +487,7 @@ impl NodeLoop {
             Ok(node) => {
                 info!(node = %edge.node, peer = %edge.key, "node applied");
                 self.nodes.entry(edge.node.clone()).or_default().uid = node.metadata.uid;
-                self.project(&edge.node).await;
+                self.schedule(&edge.node);
             }
             Err(e) => {
                 warn!(node = %edge.node, error = %e, "cannot apply node; retrying");
@@ -426,29 +499,31 @@ impl NodeLoop {
             }
         }
     }
+}
 
-    /// Projects a node-status document: renews the Lease on a new heartbeat,
-    /// writes the Node status when it changed.
-    async fn project(&mut self, node: &str) {
-        let Some(state) = self.nodes.get_mut(node) else {
-            return; // not admitted (or not applied yet: ensure_node comes back here)
-        };
+/// Projects a node-status document: renews the Lease on a new heartbeat,
+/// writes the Node status when it changed. Returns the node's state after,
+/// and whether something failed (to be retried).
+async fn project_node(
+    bridge: &Bridge,
+    store: &Store<Node>,
+    node: &str,
+    mut state: NodeState,
+) -> (NodeState, bool) {
+    {
+        let state = &mut state;
         let Ok(id) = project::node_status_id(node) else {
-            return;
+            return (state.clone(), false);
         };
-        let doc = match self
-            .bridge
-            .engine
-            .with_replica(|r| r.get::<NodeStatusDoc>(&id))
-        {
+        let doc = match bridge.engine.with_replica(|r| r.get::<NodeStatusDoc>(&id)) {
             Ok(Some(doc)) => doc,
-            Ok(None) => return,
+            Ok(None) => return (state.clone(), false),
             Err(e) => {
                 warn!(%node, error = %e, "unreadable node-status document");
-                return;
+                return (state.clone(), false);
             }
         };
-        let config = &self.bridge.config;
+        let config = &bridge.config;
         let now = Timestamp::now();
         let now_ms = u64::try_from(now.as_millisecond()).unwrap_or_default();
         // The first heartbeat this process sees must be recent: a document
@@ -463,15 +538,15 @@ impl NodeLoop {
             let lease =
                 project::lease_patch(node, state.uid.as_deref(), now, config.lease_duration_s);
             let api: Api<Lease> =
-                Api::namespaced(self.bridge.client.clone(), project::NODE_LEASE_NAMESPACE);
+                Api::namespaced(bridge.client.clone(), project::NODE_LEASE_NAMESPACE);
             match api
-                .patch(node, &self.bridge.apply_params(), &Patch::Apply(&lease))
+                .patch(node, &bridge.apply_params(), &Patch::Apply(&lease))
                 .await
             {
                 Ok(_) => {
                     debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
                     state.heartbeat_ms = doc.heartbeat_ms;
-                    let m = &self.bridge.metrics;
+                    let m = &bridge.metrics;
                     m.lease_renewals.inc();
                     m.edge_heartbeat_timestamp_seconds
                         .get_or_create(&NodeLabel {
@@ -481,13 +556,13 @@ impl NodeLoop {
                 }
                 Err(e) => {
                     warn!(%node, error = %e, "cannot renew lease");
-                    self.bridge.metrics.lease_renewal_errors.inc();
+                    bridge.metrics.lease_renewal_errors.inc();
                     failed = true;
                 }
             }
         }
         let key = project::node_status_patch(node, &doc, false);
-        let live_ready = self.store.get(&ObjectRef::new(node)).and_then(|n| {
+        let live_ready = store.get(&ObjectRef::new(node)).and_then(|n| {
             n.status
                 .as_ref()?
                 .conditions
@@ -502,9 +577,9 @@ impl NodeLoop {
         let disagrees = live_ready.as_deref() != Some(project::desired_ready(&doc).as_str());
         if state.status_key.as_ref() != Some(&key) || (fresh && (stale || disagrees)) {
             let patch = project::node_status_patch(node, &doc, true);
-            let api: Api<Node> = Api::all(self.bridge.client.clone());
+            let api: Api<Node> = Api::all(bridge.client.clone());
             match api
-                .patch_status(node, &self.bridge.apply_params(), &Patch::Apply(&patch))
+                .patch_status(node, &bridge.apply_params(), &Patch::Apply(&patch))
                 .await
             {
                 Ok(_) => {
@@ -523,9 +598,7 @@ impl NodeLoop {
                 }
             }
         }
-        if failed {
-            retry(&self.retry_tx, node.to_owned(), config.retry_after);
-        }
+        (state.clone(), failed)
     }
 }
 
