@@ -14,14 +14,15 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
+mod support;
+
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use kube::api::{DeleteParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use outpost_cloud_bridge::admission::{self, AdmitError, SYSTEM_NAMESPACE};
 use outpost_cloud_bridge::join::{self, JOIN_ALPN, JoinReply};
 use outpost_cloud_bridge::project;
@@ -36,33 +37,14 @@ use outpost_sync::schema::{
     Condition, ContainerState, ContainerStatus, NodeAddress, NodeInfo, NodeStatusDoc, PodSpecDoc,
     PodStatusDoc, StateRunning,
 };
-use outpost_sync::test_utils::{env_value, unique_name};
+use outpost_sync::test_utils::unique_name;
 use outpost_sync::transport::iroh::PeerAddr;
 use outpost_sync::transport::memory::{DEFAULT_LINK_BUFFER, connect};
 use serde_json::json;
+use support::{client, new_key, now_ms, until};
 use tokio::time::Instant;
 
 const HOUR: Duration = Duration::from_secs(3600);
-
-async fn client() -> Client {
-    let path = env_value("KUBECONFIG").expect("test environment");
-    let kubeconfig = Kubeconfig::read_from(&path).expect("readable kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
-    Client::try_from(config).expect("client")
-}
-
-fn new_key() -> PeerId {
-    PeerId::from(iroh::SecretKey::generate().public())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn engine(me: PeerId, roster: Roster) -> Engine {
     let dir = std::env::temp_dir().join(unique_name("outpost-bridge-test"));
@@ -162,17 +144,6 @@ fn node_status(heartbeat_ms: u64) -> NodeStatusDoc {
             operating_system: "linux".into(),
             architecture: "amd64".into(),
         },
-    }
-}
-
-async fn until<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,8 +20,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use outpost_cloud_bridge::admission::{self, SYSTEM_NAMESPACE};
 use outpost_cloud_bridge::{project, shard};
 use outpost_sync::PeerId;
@@ -32,34 +33,8 @@ use outpost_sync::schema::{Condition, NodeStatusDoc};
 use outpost_sync::test_utils::{env_value, unique_name};
 use outpost_sync::transport::iroh::PeerAddr;
 use serde_json::json;
+use support::{client, now_ms, until};
 use tokio::time::Instant;
-
-async fn client() -> Client {
-    let path = env_value("KUBECONFIG").expect("test environment");
-    let kubeconfig = Kubeconfig::read_from(&path).expect("readable kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
-    Client::try_from(config).expect("client")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-async fn until<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A running `outpost-cloud run`, killed with SIGKILL when dropped.
 struct CloudProcess {

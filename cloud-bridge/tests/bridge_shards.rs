@@ -10,14 +10,15 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::api::{DeleteParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use outpost_cloud_bridge::admission::{self, SYSTEM_NAMESPACE};
 use outpost_cloud_bridge::metrics::NodeLabel;
 use outpost_cloud_bridge::shard::{self, ShardConfig};
@@ -28,48 +29,18 @@ use outpost_sync::engine::Engine;
 use outpost_sync::metrics::SyncMetrics;
 use outpost_sync::replica::{Replica, ReplicaOptions};
 use outpost_sync::schema::{Condition, NodeStatusDoc, PodSpecDoc, PodStatusDoc};
-use outpost_sync::test_utils::{env_value, unique_name};
+use outpost_sync::test_utils::unique_name;
 use outpost_sync::transport::memory::{DEFAULT_LINK_BUFFER, MemoryLink, connect};
 use serde_json::json;
+use support::{client, new_key, now_ms, until};
 use tokio::time::Instant;
 
 const LEASE_S: i32 = 6;
-
-async fn client() -> Client {
-    let path = env_value("KUBECONFIG").expect("test environment");
-    let kubeconfig = Kubeconfig::read_from(&path).expect("readable kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
-    Client::try_from(config).expect("client")
-}
-
-fn new_key() -> PeerId {
-    PeerId::from(iroh::SecretKey::generate().public())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn engine(me: PeerId, roster: Roster) -> Engine {
     let dir = std::env::temp_dir().join(unique_name("outpost-shards-test"));
     let replica = Replica::open(&dir, me, ReplicaOptions::default()).unwrap();
     Engine::new(replica, roster, SyncMetrics::default())
-}
-
-async fn until<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// One replica of the group, running in the background.

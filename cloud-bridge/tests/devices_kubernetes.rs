@@ -15,6 +15,8 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
+mod support;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -39,6 +41,7 @@ use outpost_sync::schema::{DeviceDesiredDoc, DeviceModelDoc, DeviceReportedDoc, 
 use outpost_sync::test_utils::{env_value, unique_name};
 use outpost_sync::transport::memory::{DEFAULT_LINK_BUFFER, connect};
 use serde_json::json;
+use support::{new_key, now_ms, until};
 use tokio::time::Instant;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -130,17 +133,6 @@ async fn apply_rbac(admin: &Client) {
             .await
             .unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
     }
-}
-
-fn new_key() -> PeerId {
-    PeerId::from(iroh::SecretKey::generate().public())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 fn engine(me: PeerId, roster: Roster) -> Engine {
@@ -313,17 +305,6 @@ impl Setup {
         let _ = Api::<Namespace>::all(self.client.clone())
             .delete(&self.ns, &dp)
             .await;
-    }
-}
-
-async fn until<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

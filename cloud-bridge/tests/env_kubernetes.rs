@@ -2,20 +2,13 @@
 //! server answers `/readyz`, and a Pod can be created and read back through
 //! kube-rs.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{DeleteParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
-use outpost_sync::test_utils::{env_value, unique_name};
+mod support;
 
-async fn client() -> Client {
-    let path = env_value("KUBECONFIG").expect("test environment");
-    let kubeconfig = Kubeconfig::read_from(&path).expect("readable kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
-    Client::try_from(config).expect("client")
-}
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use outpost_sync::test_utils::unique_name;
+use support::client;
 
 #[tokio::test]
 async fn apiserver_is_ready_and_stores_a_pod() {
