@@ -298,6 +298,13 @@ impl DeviceLoop {
                     Some(Ok(watcher::Event::Delete(m))) => self.model_deleted(&m).await,
                     Some(Ok(watcher::Event::InitDone)) => {
                         self.models_ready = true;
+                        // The store is complete now: models of devices
+                        // projected during the listing are written.
+                        let users: Vec<(String, String, String)> =
+                            self.model_users.keys().cloned().collect();
+                        for (node, ns, model) in users {
+                            self.write_model(&node, &ns, &model);
+                        }
                         for device in self.devices.state() {
                             self.check_model(&device).await;
                         }
@@ -415,10 +422,19 @@ impl DeviceLoop {
         let Some(found) = self.models.get(&ObjectRef::new(model).within(namespace)) else {
             return; // written when it appears
         };
-        let Ok(doc) = convert::model_id(node, namespace, model) else {
+        self.write_model_doc(node, &found);
+    }
+
+    /// Writes a model's document for a node from the model itself (the
+    /// store holds the initial listing's models only once it is complete).
+    fn write_model_doc(&self, node: &str, model: &DeviceModel) {
+        let Some(key) = DeviceKey::of(model) else {
             return;
         };
-        if let Err(e) = self.bridge.engine.put(&doc, &convert::model_doc(&found)) {
+        let Ok(doc) = convert::model_id(node, &key.namespace, &key.name) else {
+            return;
+        };
+        if let Err(e) = self.bridge.engine.put(&doc, &convert::model_doc(model)) {
             warn!(%doc, error = %e, "cannot write device-model document");
         }
     }
@@ -499,7 +515,7 @@ impl DeviceLoop {
             .map(|(node, _, _)| node.clone())
             .collect();
         for node in nodes {
-            self.write_model(&node, &key.namespace, &key.name);
+            self.write_model_doc(&node, model);
         }
         if self.models_ready {
             for device in self.users_of(&key) {
