@@ -733,6 +733,11 @@ impl PodLoop {
                         let r = Reference::ConfigMap(cm.metadata.name.clone().unwrap_or_default());
                         self.write_reference(&ns, &r);
                     }
+                    // The store holds the initial listing only now: what
+                    // pods use and could not be written during it is.
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        self.write_all_references(|r| matches!(r, Reference::ConfigMap(_)));
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => warn!(error = %e, "configmap watch failed; retrying"),
                     None => return Err(BridgeError::Ended("the configmap watch")),
@@ -742,6 +747,9 @@ impl PodLoop {
                         let ns = s.metadata.namespace.clone().unwrap_or_default();
                         let r = Reference::Secret(s.metadata.name.clone().unwrap_or_default());
                         self.write_reference(&ns, &r);
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        self.write_all_references(|r| matches!(r, Reference::Secret(_)));
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => warn!(error = %e, "secret watch failed; retrying"),
@@ -826,6 +834,20 @@ impl PodLoop {
     }
 
     /// Writes a ConfigMap or Secret for every node whose pods use it.
+    /// Writes every ConfigMap or Secret (as `which` picks) that managed
+    /// pods use.
+    fn write_all_references(&self, which: impl Fn(&Reference) -> bool) {
+        let used: Vec<(String, Reference)> = self
+            .users
+            .keys()
+            .filter(|(_, r)| which(r))
+            .cloned()
+            .collect();
+        for (ns, r) in used {
+            self.write_reference(&ns, &r);
+        }
+    }
+
     fn write_reference(&self, ns: &str, r: &Reference) {
         let Some(users) = self.users.get(&(ns.to_owned(), r.clone())) else {
             return;
