@@ -868,7 +868,16 @@ async fn malformed_devices_get_a_warning_and_the_bridge_goes_on() {
         events[0]
     );
     let statuses: Api<DeviceStatus> = Api::namespaced(s.client.clone(), &s.ns);
-    let status = statuses.get("zig").await.unwrap().status.unwrap();
+    // The Event goes out just before the status is written.
+    let status = until(
+        "the zigbee device's status",
+        Duration::from_secs(20),
+        async || {
+            let status = statuses.get_opt("zig").await.ok()??.status?;
+            (!status.conditions.is_empty()).then_some(status)
+        },
+    )
+    .await;
     let ready = &status.conditions[0];
     assert_eq!(
         (
