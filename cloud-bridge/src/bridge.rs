@@ -222,11 +222,11 @@ impl Bridge {
 
     /// Every document of a kind in the replica.
     pub(crate) fn scan(&self, kind: DocKind) -> Vec<DocId> {
+        let prefix = format!("{}/", kind.as_str());
         self.engine.with_replica(|r| {
-            r.scan()
+            r.scan_prefix(&prefix)
                 .filter_map(Result::ok)
                 .map(|(doc, _)| doc)
-                .filter(|doc| doc.kind() == kind)
                 .collect()
         })
     }
@@ -510,96 +510,91 @@ async fn project_node(
     node: &str,
     mut state: NodeState,
 ) -> (NodeState, bool) {
-    {
-        let state = &mut state;
-        let Ok(id) = project::node_status_id(node) else {
-            return (state.clone(), false);
-        };
-        let doc = match bridge.engine.with_replica(|r| r.get::<NodeStatusDoc>(&id)) {
-            Ok(Some(doc)) => doc,
-            Ok(None) => return (state.clone(), false),
+    let Ok(id) = project::node_status_id(node) else {
+        return (state, false);
+    };
+    let doc = match bridge.engine.with_replica(|r| r.get::<NodeStatusDoc>(&id)) {
+        Ok(Some(doc)) => doc,
+        Ok(None) => return (state, false),
+        Err(e) => {
+            warn!(%node, error = %e, "unreadable node-status document");
+            return (state, false);
+        }
+    };
+    let config = &bridge.config;
+    let now = Timestamp::now();
+    let now_ms = u64::try_from(now.as_millisecond()).unwrap_or_default();
+    // The first heartbeat this process sees must be recent: a document
+    // left from before a restart is no proof that the edge is alive.
+    let fresh = if state.heartbeat_ms == 0 {
+        now_ms.saturating_sub(doc.heartbeat_ms) < config.lease_duration_s as u64 * 1000
+    } else {
+        doc.heartbeat_ms > state.heartbeat_ms
+    };
+    let mut failed = false;
+    if fresh {
+        let lease = project::lease_patch(node, state.uid.as_deref(), now, config.lease_duration_s);
+        let api: Api<Lease> = Api::namespaced(bridge.client.clone(), project::NODE_LEASE_NAMESPACE);
+        match api
+            .patch(node, &bridge.apply_params(), &Patch::Apply(&lease))
+            .await
+        {
+            Ok(_) => {
+                debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
+                state.heartbeat_ms = doc.heartbeat_ms;
+                let m = &bridge.metrics;
+                m.lease_renewals.inc();
+                m.edge_heartbeat_timestamp_seconds
+                    .get_or_create(&NodeLabel {
+                        node: node.to_owned(),
+                    })
+                    .set(now_ms as f64 / 1000.0);
+            }
             Err(e) => {
-                warn!(%node, error = %e, "unreadable node-status document");
-                return (state.clone(), false);
-            }
-        };
-        let config = &bridge.config;
-        let now = Timestamp::now();
-        let now_ms = u64::try_from(now.as_millisecond()).unwrap_or_default();
-        // The first heartbeat this process sees must be recent: a document
-        // left from before a restart is no proof that the edge is alive.
-        let fresh = if state.heartbeat_ms == 0 {
-            now_ms.saturating_sub(doc.heartbeat_ms) < config.lease_duration_s as u64 * 1000
-        } else {
-            doc.heartbeat_ms > state.heartbeat_ms
-        };
-        let mut failed = false;
-        if fresh {
-            let lease =
-                project::lease_patch(node, state.uid.as_deref(), now, config.lease_duration_s);
-            let api: Api<Lease> =
-                Api::namespaced(bridge.client.clone(), project::NODE_LEASE_NAMESPACE);
-            match api
-                .patch(node, &bridge.apply_params(), &Patch::Apply(&lease))
-                .await
-            {
-                Ok(_) => {
-                    debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
-                    state.heartbeat_ms = doc.heartbeat_ms;
-                    let m = &bridge.metrics;
-                    m.lease_renewals.inc();
-                    m.edge_heartbeat_timestamp_seconds
-                        .get_or_create(&NodeLabel {
-                            node: node.to_owned(),
-                        })
-                        .set(now_ms as f64 / 1000.0);
-                }
-                Err(e) => {
-                    warn!(%node, error = %e, "cannot renew lease");
-                    bridge.metrics.lease_renewal_errors.inc();
-                    failed = true;
-                }
+                warn!(%node, error = %e, "cannot renew lease");
+                bridge.metrics.lease_renewal_errors.inc();
+                failed = true;
             }
         }
-        let key = project::node_status_patch(node, &doc, false);
-        let live_ready = store.get(&ObjectRef::new(node)).and_then(|n| {
-            n.status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .find(|c| c.type_ == "Ready")
-                .map(|c| c.status.clone())
-        });
-        let stale = state
-            .status_written
-            .is_none_or(|t| t.elapsed() >= config.node_status_refresh);
-        let disagrees = live_ready.as_deref() != Some(project::desired_ready(&doc).as_str());
-        if state.status_key.as_ref() != Some(&key) || (fresh && (stale || disagrees)) {
-            let patch = project::node_status_patch(node, &doc, true);
-            let api: Api<Node> = Api::all(bridge.client.clone());
-            match api
-                .patch_status(node, &bridge.apply_params(), &Patch::Apply(&patch))
-                .await
-            {
-                Ok(_) => {
-                    debug!(%node, "node status written");
-                    state.status_key = Some(key);
-                    state.status_written = Some(Instant::now());
-                }
-                Err(e) if admission::is_status(&e, 404) => {
-                    warn!(%node, "node is gone; applying it again");
-                    state.uid = None;
-                    failed = true;
-                }
-                Err(e) => {
-                    warn!(%node, error = %e, "cannot write node status");
-                    failed = true;
-                }
-            }
-        }
-        (state.clone(), failed)
     }
+    let key = project::node_status_patch(node, &doc, false);
+    let live_ready = store.get(&ObjectRef::new(node)).and_then(|n| {
+        n.status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status.clone())
+    });
+    let stale = state
+        .status_written
+        .is_none_or(|t| t.elapsed() >= config.node_status_refresh);
+    let disagrees = live_ready.as_deref() != Some(project::desired_ready(&doc).as_str());
+    if state.status_key.as_ref() != Some(&key) || (fresh && (stale || disagrees)) {
+        let patch = project::node_status_patch(node, &doc, true);
+        let api: Api<Node> = Api::all(bridge.client.clone());
+        match api
+            .patch_status(node, &bridge.apply_params(), &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => {
+                debug!(%node, "node status written");
+                state.status_key = Some(key);
+                state.status_written = Some(Instant::now());
+            }
+            Err(e) if admission::is_status(&e, 404) => {
+                warn!(%node, "node is gone; applying it again");
+                state.uid = None;
+                failed = true;
+            }
+            Err(e) => {
+                warn!(%node, error = %e, "cannot write node status");
+                failed = true;
+            }
+        }
+    }
+    (state, failed)
 }
 
 /// What the pod loop retries.

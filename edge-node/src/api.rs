@@ -153,10 +153,9 @@ fn ids_of(engine: &Engine, kind: DocKind, owners: &[String]) -> Vec<DocId> {
         .map(|o| format!("{}/{o}/", kind.as_str()))
         .collect();
     engine.with_replica(|r| {
-        r.scan()
-            .filter_map(Result::ok)
-            .map(|(id, _)| id)
-            .filter(|id| prefixes.iter().any(|p| id.as_str().starts_with(p)))
+        prefixes
+            .iter()
+            .flat_map(|p| r.scan_prefix(p).filter_map(Result::ok).map(|(id, _)| id))
             .collect()
     })
 }

@@ -161,10 +161,9 @@ impl EdgeMetrics {
         let prefix = format!("{}/{node}/", DocKind::PodStatus.as_str());
         let statuses: Vec<PodStatusDoc> = engine.with_replica(|r| {
             let ids: Vec<_> = r
-                .scan()
+                .scan_prefix(&prefix)
                 .filter_map(Result::ok)
                 .map(|(id, _)| id)
-                .filter(|id| id.as_str().starts_with(&prefix))
                 .collect();
             ids.iter()
                 .filter_map(|id| r.get::<PodStatusDoc>(id).ok().flatten())

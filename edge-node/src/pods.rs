@@ -263,10 +263,9 @@ fn desired_pods(
 ) -> (HashMap<String, (DocId, PodSpecDoc)>, HashSet<String>) {
     let prefix = format!("{}/{node}/", DocKind::PodSpec.as_str());
     let ids: Vec<DocId> = engine.with_replica(|r| {
-        r.scan()
+        r.scan_prefix(&prefix)
             .filter_map(Result::ok)
             .map(|(id, _)| id)
-            .filter(|id| id.as_str().starts_with(&prefix))
             .collect()
     });
     let mut pods = HashMap::new();
@@ -297,10 +296,9 @@ fn forget_deleted_pods(engine: &Engine, node: &str, busy: impl Fn(&str) -> bool)
     let prefix = format!("{}/{node}/", DocKind::PodStatus.as_str());
     let done: Vec<DocId> = engine.with_replica(|r| {
         let ids: Vec<DocId> = r
-            .scan()
+            .scan_prefix(&prefix)
             .filter_map(Result::ok)
             .map(|(id, _)| id)
-            .filter(|id| id.as_str().starts_with(&prefix))
             .collect();
         ids.into_iter()
             .filter(|status| {

@@ -403,10 +403,9 @@ async fn run(
 fn device_doc_ids(engine: &Engine, node: &str) -> Vec<DocId> {
     let prefix = format!("{}/{node}/", DocKind::DeviceDesired.as_str());
     engine.with_replica(|r| {
-        r.scan()
+        r.scan_prefix(&prefix)
             .filter_map(Result::ok)
             .map(|(id, _)| id)
-            .filter(|id| id.as_str().starts_with(&prefix))
             .collect()
     })
 }
