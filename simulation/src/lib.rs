@@ -27,13 +27,22 @@
 //! faults only; process crashes, not power loss) is documented on
 //! [`world`].
 //!
-//! It must never be a dependency of another Outpost crate, and it never
-//! touches the host's network, disk or clock: everything is simulated.
-//! The real-stack mode (iroh over an in-memory transport) and the
-//! real-process mode (network namespaces) are not built yet.
+//! - [`processes`]: the real-process mode: a real `outpost-cloud` and real
+//!   `outpost-edge` processes in network namespaces ([`netns`]), joined to
+//!   the Kubernetes API and read by the harness through [`relay`]s, with
+//!   faults applied by nftables and SIGKILL, and checkers on what the
+//!   processes report.
+//!
+//! It must never be a dependency of another Outpost crate. The deterministic
+//! mode never touches the host's network, disk or clock: everything is
+//! simulated. The real-process mode runs on the host, in namespaces it
+//! creates and deletes.
 
 pub mod nemesis;
+pub mod netns;
 pub mod plot;
+pub mod processes;
+pub mod relay;
 pub mod report;
 pub mod scenario;
 pub mod world;

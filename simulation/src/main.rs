@@ -54,6 +54,101 @@ enum Command {
         #[command(flatten)]
         shape: Shape,
     },
+    /// Runs one seed of a scenario as real processes: a real outpost-cloud
+    /// and real outpost-edge agents, each in a network namespace of its own,
+    /// syncing over real UDP, with the scenario's partitions, loss and
+    /// crashes applied by nftables and SIGKILL (Linux, as root).
+    ///
+    /// Needs the test environment (`scripts/env up`: the Kubernetes API
+    /// server and containerd) and the workspace's binaries. The fleet gets a
+    /// Pod, a ConfigMap and a KubeEdge Device per edge; the workload writes
+    /// them through the Kubernetes API. Once the faults heal it checks that
+    /// every edge and the API converge on the last acknowledged values and
+    /// that nothing acknowledged was undone, then deletes everything it made
+    /// (namespaces, pods, Nodes, admission records), also when it fails.
+    /// Supported events: partition, one-way, flap, isolate-site, crash, and
+    /// network loss; others are refused (use `run`). Exits 1 when a checker fails.
+    Processes {
+        /// The seed: it draws the selectors' nodes and the workload.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[command(flatten)]
+        shape: Shape,
+        #[command(flatten)]
+        parts: Parts,
+        /// Also write the report as JSON to this file, and its plot next to it (.svg).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Write the lag plot (SVG) to this file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Joins a TCP address and a unix socket (used inside the real-process
+    /// mode's namespaces; `tcp:IP:PORT` or `unix:PATH`).
+    #[command(hide = true)]
+    Relay {
+        /// Where to accept connections.
+        #[arg(long)]
+        listen: outpost_simulation::relay::End,
+        /// Where to take each of them.
+        #[arg(long)]
+        connect: outpost_simulation::relay::End,
+    },
+}
+
+/// Where the real-process mode finds its parts.
+#[derive(Debug, Args, Clone)]
+struct Parts {
+    /// Directory of outpost-cloud, outpost-edge and outpost-sim [default: this program's].
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Data dirs, logs and sockets of the run go under this directory.
+    #[arg(long, default_value = "/tmp/outpost-sim")]
+    work_dir: PathBuf,
+    /// The Kubernetes API server's (admin) kubeconfig.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    /// containerd's CRI socket.
+    #[arg(
+        long,
+        env = "OUTPOST_CONTAINERD_SOCK",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    containerd_socket: PathBuf,
+    /// The image of the workload's pods (containerd must have it).
+    #[arg(
+        long,
+        env = "OUTPOST_IMAGE",
+        default_value = "docker.io/library/busybox:latest"
+    )]
+    image: String,
+    /// containerd's sandbox image.
+    #[arg(
+        long,
+        env = "OUTPOST_PAUSE_IMAGE",
+        default_value = "registry.k8s.io/pause:3.9"
+    )]
+    pause_image: String,
+}
+
+impl Parts {
+    fn options(self) -> anyhow::Result<outpost_simulation::processes::Options> {
+        let bin_dir = match self.bin_dir {
+            Some(d) => d,
+            None => std::env::current_exe()?
+                .parent()
+                .map(PathBuf::from)
+                .context("this program's directory")?,
+        };
+        Ok(outpost_simulation::processes::Options {
+            bin_dir,
+            work_dir: self.work_dir,
+            kubeconfig: self.kubeconfig,
+            containerd_socket: self.containerd_socket,
+            image: self.image,
+            pause_image: self.pause_image,
+        })
+    }
 }
 
 /// The scenario and what the command line overrides of it.
@@ -111,7 +206,12 @@ impl Shape {
 
     /// The command line that replays `seed` with this shape.
     fn replay(&self, seed: u64) -> String {
-        let mut cmd = format!("outpost-sim run --seed {seed}");
+        self.replay_with("run", seed)
+    }
+
+    /// The command line of `subcommand` that replays `seed` with this shape.
+    fn replay_with(&self, subcommand: &str, seed: u64) -> String {
+        let mut cmd = format!("outpost-sim {subcommand} --seed {seed}");
         if let Some(p) = &self.scenario {
             cmd.push_str(&format!(" --scenario {}", p.display()));
         }
@@ -185,6 +285,44 @@ fn real_main() -> anyhow::Result<()> {
             }
             if !result.passed() {
                 print_failures(&result, &shape.replay(seed));
+                std::process::exit(1);
+            }
+        }
+        Some(Command::Relay { listen, connect }) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(outpost_simulation::relay::serve(listen.clone(), connect))
+                .with_context(|| format!("relay on {listen}"))?;
+        }
+        Some(Command::Processes {
+            seed,
+            shape,
+            parts,
+            report,
+            plot,
+        }) => {
+            let scenario = shape.scenario()?;
+            let opts = parts.options()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let result = rt.block_on(outpost_simulation::processes::run(
+                seed, scenario, opts, true,
+            ))?;
+            print!("{}", result.table());
+            if let Some(path) = &report {
+                let json = serde_json::to_string_pretty(&result)?;
+                std::fs::write(path, json)
+                    .with_context(|| format!("cannot write the report to {}", path.display()))?;
+            }
+            if let Some(path) = plot.or_else(|| report.map(|r| r.with_extension("svg"))) {
+                std::fs::write(&path, outpost_simulation::plot::lag_svg(&result.report))
+                    .with_context(|| format!("cannot write the plot to {}", path.display()))?;
+            }
+            if !result.passed() {
+                print_failures(&result.report, &shape.replay_with("processes", seed));
                 std::process::exit(1);
             }
         }

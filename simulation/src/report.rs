@@ -259,7 +259,7 @@ pub fn heals(
 }
 
 /// The figures and verdict of one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Report {
     /// The seed.
     pub seed: u64,
