@@ -79,6 +79,9 @@ pub struct BridgeConfig {
     /// bridge projects every admitted node and takes no Leases (one bridge
     /// alone, as in tests that share an API server).
     pub shards: Option<ShardConfig>,
+    /// Serve only the admitted edges whose node name starts with this
+    /// prefix; `None`: every admitted edge.
+    pub node_prefix: Option<String>,
 }
 
 impl Default for BridgeConfig {
@@ -90,6 +93,7 @@ impl Default for BridgeConfig {
             retry_after: Duration::from_secs(1),
             device_status_writes_per_s: 20.0,
             shards: None,
+            node_prefix: None,
         }
     }
 }
@@ -250,7 +254,10 @@ impl Bridge {
                 continue;
             }
             let state = store.state();
-            let edges = admission::latest_per_node(state.iter().map(|s| s.as_ref()));
+            let mut edges = admission::latest_per_node(state.iter().map(|s| s.as_ref()));
+            if let Some(prefix) = &self.config.node_prefix {
+                edges.retain(|node, _| node.starts_with(prefix.as_str()));
+            }
             if *self.edges.borrow() != edges {
                 info!(edges = edges.len(), "roster updated");
                 self.metrics.edges_admitted.set(edges.len() as i64);

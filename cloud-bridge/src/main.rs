@@ -127,6 +127,11 @@ struct RunArgs {
     /// that each holds the whole state [default: none: only edges connect].
     #[arg(long, env = "OUTPOST_ADVERTISE")]
     advertise: Option<SocketAddr>,
+    /// Serve only the admitted edges whose node name starts with this
+    /// prefix (several bridges for separate fleets on one cluster)
+    /// [default: every admitted edge].
+    #[arg(long, env = "OUTPOST_NODE_PREFIX")]
+    node_prefix: Option<String>,
     #[command(flatten)]
     kube: KubeArgs,
 }
@@ -322,6 +327,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lease_duration_s: args.lease_duration_s,
             device_status_writes_per_s: args.device_status_writes_per_s,
             shards: Some(shards),
+            node_prefix: args.node_prefix.clone(),
             ..BridgeConfig::default()
         },
     );

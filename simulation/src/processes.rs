@@ -34,17 +34,34 @@
 //! (its data dir survives, and an edge's containers keep running, as after
 //! a crash of the agent); it restarts after `restart_after`, or at the heal.
 //!
+//! Every `workload.report_interval`, each edge's local app sets its
+//! device's desired setpoint with probability `workload.edge_desired_prob`,
+//! the way a KubeEdge app does it: a twin update on the broker of the edge's
+//! namespace (a mosquitto the harness starts there). It counts as
+//! acknowledged once the edge's API shows it. The two sides never write one
+//! device less than a second apart, so the harness knows their order.
+//!
 //! # Checkers, on what the processes report
 //! Each edge is read through its local API (`/api/v1/configmaps`,
 //! `/api/v1/devices`, `/api/v1/status`), the cloud through Kubernetes.
 //! - **no acknowledged write lost**: a ConfigMap value an edge has shown is
 //!   never replaced by an older one, and once converged each edge shows the
-//!   last acknowledged value of each of its objects;
+//!   last acknowledged value of each of its ConfigMaps, and the last
+//!   acknowledged desired value of one of the two writers;
 //! - **convergence**, within `checks.settle_timeout` of the heal: every
-//!   edge shows the last acknowledged ConfigMap and desired setpoint, the
-//!   API's Device says the same, the edge is connected to the cloud with
-//!   nothing pending, and what the edge reports is in the API (its Node is
-//!   Ready, its Pod Running, its device's state in the DeviceStatus);
+//!   edge shows the last acknowledged ConfigMap, the edge and the API's
+//!   Device agree on the desired setpoint, the edge is connected to the
+//!   cloud with nothing pending, and what the edge reports is in the API
+//!   (its Node is Ready, its Pod Running, its device's state in the
+//!   DeviceStatus);
+//! - **conflict rule**: where the last desired writes of the two sides to a
+//!   device were both made while its edge was cut off from the cloud, the
+//!   one that lost is listed in the device's DeviceStatus as a lost
+//!   conflict. Which one wins is the hybrid logical clocks' call: the
+//!   cloud's write is stamped when the bridge records it, not when the API
+//!   server accepted it, and the harness sees only the latter. (A bridge
+//!   that records an API write late, because it was busy or down, stamps it
+//!   late: an older API write can beat a newer edge write.)
 //! - **liveness**: after convergence, a new write reaches every edge within
 //!   `checks.liveness_bound`.
 //!
@@ -87,6 +104,8 @@ use crate::scenario::{Event, NetworkChange, Scenario};
 const SYNC_PORT: u16 = 7700;
 /// The edges' local API, on each namespace's loopback.
 const EDGE_API: &str = "127.0.0.1:10550";
+/// The port of the MQTT broker each edge's namespace runs, on its loopback.
+const EDGE_MQTT_PORT: &str = "1883";
 /// The bridge's metrics, on the cloud namespace's loopback.
 const CLOUD_METRICS: &str = "127.0.0.1:9464";
 /// How long the fleet may take to come up.
@@ -179,6 +198,11 @@ pub struct ProcessReport {
     pub processes: BTreeMap<String, ProcessFigures>,
     /// Writes the API server refused or failed (not acknowledged, not checked).
     pub api_errors: u64,
+    /// Edge-side desired writes published on the edges' event buses.
+    pub edge_writes: u64,
+    /// Concurrent desired writes the conflict checker looked for (a loser
+    /// it expected in a DeviceStatus); `report.conflicts_visible` of them were there.
+    pub conflicts_expected: u64,
 }
 
 /// Checks that a scenario fits this mode, with the reason when it does not.
@@ -585,6 +609,44 @@ async fn watch_edge(
     }
 }
 
+/// Follows the workload's Devices in the API and reports each desired
+/// setpoint as it appears there (edge-side writes come back this way).
+async fn watch_api_devices(api: Api<DynamicObject>, t0: Instant, tx: mpsc::UnboundedSender<Seen>) {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let mut events = watcher(api, watcher::Config::default()).boxed();
+    while let Some(ev) = events.next().await {
+        let obj = match ev {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+            Ok(_) => continue,
+            Err(e) => {
+                debug!("device watch: {e}");
+                continue;
+            }
+        };
+        let edge = obj
+            .metadata
+            .name
+            .as_deref()
+            .and_then(|n| n.strip_prefix("dev-edge-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        let value = obj.data["spec"]["properties"][0]["desired"]["value"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(edge), Some(value)) = (edge, value) {
+            let seen = Seen {
+                edge,
+                kind: "api-desired",
+                value,
+                at_ms: t0.elapsed().as_millis() as u64,
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The workload's value in one watch object, if it is the edge's own.
 fn value_of(kind: &str, edge: usize, ns: &str, obj: &Value) -> Option<u64> {
     if obj["namespace"] != ns {
@@ -660,12 +722,18 @@ async fn watch_once(
     Err("the watch closed".into())
 }
 
-/// An acknowledged write: its value and when it was sent.
+/// An acknowledged write: its value, when it was sent, and who wrote it
+/// (`true`: the edge, through its MQTT event bus).
 #[derive(Debug, Clone, Copy)]
 struct Write {
     value: u64,
     sent_ms: u64,
+    edge: bool,
 }
+
+/// Writes to one device closer than this apart, from the two sides, are
+/// not made: the harness could not tell which one the clocks ordered first.
+const DESIRED_SPACING_MS: u64 = 1_000;
 
 /// Everything a run keeps track of.
 struct Run {
@@ -684,8 +752,18 @@ struct Run {
     cloud_addr: String,
     t0: Instant,
     devices: ApiResource,
-    /// Acknowledged writes per (edge, kind), in order.
+    /// Acknowledged writes per (edge, kind), in order of value.
     acked: BTreeMap<(usize, &'static str), Vec<Write>>,
+    /// Desired values published on an edge's event bus and not yet shown by it.
+    pending_edge: BTreeMap<usize, Vec<Write>>,
+    /// When each edge's device was last written, from either side.
+    last_desired_ms: BTreeMap<usize, u64>,
+    /// Edge-side writes published.
+    edge_writes: u64,
+    /// Conflicts the checker expected to see, and saw, in DeviceStatus.
+    conflicts: (u64, u64),
+    /// The desired value each edge showed at the last convergence check.
+    converged_desired: BTreeMap<usize, u64>,
     /// Highest value each edge has shown, per kind, and when.
     shown: BTreeMap<(usize, &'static str), (u64, u64)>,
     /// Per (edge, kind): how many of its acknowledged writes the edge has shown (or a later one).
@@ -830,6 +908,9 @@ impl Run {
                 CLOUD_METRICS.into(),
                 "--shard-group".into(),
                 self.id.clone(),
+                // Only this run's edges: the cluster may have others.
+                "--node-prefix".into(),
+                format!("{}-", self.id),
             ],
             log: self.dir.join("cloud-0.log"),
             child: None,
@@ -839,13 +920,32 @@ impl Run {
         cloud.start(self.net()?, &self.opts.kubeconfig)?;
         self.cloud = Some(cloud);
         let peer_file = cloud_dir.join("peer-addr");
-        self.cloud_addr = wait_for("outpost-cloud's peer address", START_TIMEOUT, async || {
-            std::fs::read_to_string(&peer_file)
+        let deadline = Instant::now() + START_TIMEOUT;
+        self.cloud_addr = loop {
+            if let Some(addr) = std::fs::read_to_string(&peer_file)
                 .ok()
                 .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty())
-        })
-        .await?;
+            {
+                break addr;
+            }
+            if let Some(c) = &mut self.cloud
+                && !c.running()
+            {
+                return Err(ProcessError::Start(format!(
+                    "outpost-cloud exited at start: {}",
+                    log_tail(&c.log)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(ProcessError::Start(format!(
+                    "outpost-cloud wrote no peer address within {} s: {}",
+                    START_TIMEOUT.as_secs(),
+                    log_tail(&self.dir.join("cloud-0.log"))
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
 
         // The workload's namespace and model first, so that the bridge
         // finds them as soon as the edges come.
@@ -890,6 +990,18 @@ impl Run {
             .node(&format!("edge-{e}"))
             .ok_or_else(|| ProcessError::Start(format!("no namespace for edge-{e}")))?
             .clone();
+        // The node's own broker, for its edge apps (KubeEdge's event bus).
+        let mut broker = net.command(&node, Path::new("mosquitto"));
+        broker
+            .args(["-p", EDGE_MQTT_PORT])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let broker = broker.spawn().map_err(io(format!(
+            "cannot start mosquitto in {} (apt-get install mosquitto)",
+            node.ns
+        )))?;
         // Admission, once: a join token from the bridge, presented by the edge.
         let sites = self.scenario.fleet.sites;
         let mut token_cmd = tokio::process::Command::new(self.opts.bin_dir.join("outpost-cloud"));
@@ -927,7 +1039,7 @@ impl Run {
                 "--node-ip".into(),
                 node.ip.to_string(),
                 "--mqtt".into(),
-                "off".into(),
+                format!("127.0.0.1:{EDGE_MQTT_PORT}"),
                 "--api-listen".into(),
                 EDGE_API.into(),
                 "--heartbeat-s".into(),
@@ -944,6 +1056,7 @@ impl Run {
         say(self.progress, &format!("starting outpost-edge {name}"));
         edge.start(net, &self.opts.kubeconfig)?;
         self.edges.push(edge);
+        self.relays.push(broker);
         let sock = self.edge_sock(e);
         self.relay(
             &format!("edge-{e}"),
@@ -1032,6 +1145,7 @@ impl Run {
                 vec![Write {
                     value: 0,
                     sent_ms: 0,
+                    edge: false,
                 }],
             );
             self.acked.insert(
@@ -1039,6 +1153,7 @@ impl Run {
                 vec![Write {
                     value: 0,
                     sent_ms: 0,
+                    edge: false,
                 }],
             );
         }
@@ -1066,7 +1181,7 @@ impl Run {
             let name = self.node_name(e);
             let sock = self.edge_sock(e);
             let want_cm = self.last(e, "configmap");
-            let want_desired = self.last(e, "desired");
+            let want_desired = self.acceptable_desired(e);
             // The cloud's side.
             let ready = nodes.get_opt(&name).await.ok().flatten().is_some_and(|n| {
                 n.status
@@ -1097,9 +1212,10 @@ impl Run {
                         .as_str()
                         .and_then(|v| v.parse::<u64>().ok())
                 });
-            if api_desired != Some(want_desired) {
+            if !api_desired.is_some_and(|v| want_desired.contains(&v)) {
                 out.push(format!(
-                    "{name}: the API's Device desires {api_desired:?}, the last acknowledged write was {want_desired}"
+                    "{name}: the API's Device desires {api_desired:?}, the last acknowledged write was {:?}",
+                    want_desired.first()
                 ));
             }
             // The edge's side.
@@ -1133,9 +1249,15 @@ impl Run {
                     .as_str()
                     .and_then(|v| v.parse::<u64>().ok())
             });
-            if edge_desired != Some(want_desired) {
+            if let Some(v) = edge_desired {
+                self.converged_desired.insert(e, v);
+            }
+            if !edge_desired.is_some_and(|v| want_desired.contains(&v))
+                || edge_desired != api_desired
+            {
                 out.push(format!(
-                    "{name}: the edge desires {edge_desired:?}, the last acknowledged write was {want_desired}"
+                    "{name}: the edge desires {edge_desired:?}, the API {api_desired:?}, the last acknowledged write was {:?}",
+                    want_desired.first()
                 ));
             }
             let edge_phase = status["pods"].as_array().and_then(|ps| {
@@ -1172,6 +1294,32 @@ impl Run {
                 }
             }
         }
+        out
+    }
+
+    /// The desired values edge `e`'s device may end with: the last
+    /// acknowledged write of either writer (the cloud's is stamped when the
+    /// bridge records it, which the harness does not see), or a later edge
+    /// write whose acknowledgement was not seen (the agent took it and was
+    /// killed, say). First: the newest acknowledged.
+    fn acceptable_desired(&self, e: usize) -> Vec<u64> {
+        let acked: &[Write] = self
+            .acked
+            .get(&(e, "desired"))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let last_of = |edge: bool| acked.iter().rev().find(|w| w.edge == edge).map(|w| w.value);
+        let (cloud, edge) = (last_of(false), last_of(true));
+        let mut out: Vec<u64> = [cloud, edge].into_iter().flatten().collect();
+        out.sort_unstable_by(|a, b| b.cmp(a));
+        out.extend(
+            self.pending_edge
+                .get(&e)
+                .into_iter()
+                .flatten()
+                .map(|w| w.value)
+                .filter(|&v| v > edge.unwrap_or(0)),
+        );
         out
     }
 
@@ -1221,7 +1369,13 @@ impl Run {
         let e = rng.usize(0..self.scenario.fleet.edges);
         self.counter += 1;
         let value = self.counter;
-        let desired = rng.f64() < self.scenario.workload.api_desired_share;
+        let mut desired = rng.f64() < self.scenario.workload.api_desired_share;
+        if desired && self.recently_desired(e) {
+            desired = false;
+        }
+        if desired {
+            self.last_desired_ms.insert(e, self.ms());
+        }
         self.write_one(e, desired, value).await;
     }
 
@@ -1246,10 +1400,11 @@ impl Run {
         match result {
             Ok(()) => {
                 let kind = if desired { "desired" } else { "configmap" };
-                self.acked
-                    .entry((e, kind))
-                    .or_default()
-                    .push(Write { value, sent_ms });
+                self.acked.entry((e, kind)).or_default().push(Write {
+                    value,
+                    sent_ms,
+                    edge: false,
+                });
             }
             Err(err) => {
                 debug!("a workload write failed: {err}");
@@ -1258,10 +1413,83 @@ impl Run {
         }
     }
 
+    fn recently_desired(&self, e: usize) -> bool {
+        self.last_desired_ms
+            .get(&e)
+            .is_some_and(|&t| self.ms() < t + DESIRED_SPACING_MS)
+    }
+
+    /// A desired value written at edge `e` by a local app: a KubeEdge twin
+    /// update on the edge's own broker. It counts as acknowledged once the
+    /// edge's API shows it.
+    async fn edge_write(&mut self, e: usize) {
+        if self.recently_desired(e) || self.edges.get(e).is_none_or(|p| p.child.is_none()) {
+            return;
+        }
+        self.counter += 1;
+        let value = self.counter;
+        let sent_ms = self.ms();
+        self.last_desired_ms.insert(e, sent_ms);
+        let topic = format!("$hw/events/device/{}/dev-edge-{e}/twin/update", self.ns);
+        let payload = json!({
+            "event_id": format!("osim-{value}"),
+            "timestamp": sent_ms,
+            "twin": {"setpoint": {"expected": {"value": value.to_string()}}}
+        })
+        .to_string();
+        let Ok(net) = self.net() else { return };
+        let Some(node) = net.node(&format!("edge-{e}")) else {
+            return;
+        };
+        let mut cmd = net.command(node, Path::new("mosquitto_pub"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            EDGE_MQTT_PORT,
+            "-q",
+            "1",
+            "-t",
+            &topic,
+        ])
+        .args(["-m", &payload])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        match cmd.status().await {
+            Ok(st) if st.success() => {
+                self.edge_writes += 1;
+                self.pending_edge.entry(e).or_default().push(Write {
+                    value,
+                    sent_ms,
+                    edge: true,
+                });
+            }
+            Ok(st) => debug!(edge = e, "mosquitto_pub: {st}"),
+            Err(err) => debug!(edge = e, "mosquitto_pub: {err}"),
+        }
+    }
+
     /// Takes in what the edges showed: lag samples, and regressions.
     fn observe(&mut self, seen: Seen) {
+        if seen.kind == "desired"
+            && let Some(pending) = self.pending_edge.get_mut(&seen.edge)
+            && let Some(i) = pending.iter().position(|w| w.value == seen.value)
+        {
+            // The edge took its app's write: acknowledged.
+            let w = pending.remove(i);
+            let acked = self.acked.entry((seen.edge, "desired")).or_default();
+            let at = acked.partition_point(|x| x.value < w.value);
+            acked.insert(at, w);
+        }
+        if seen.kind == "api-desired" {
+            self.observe_api(&seen);
+        }
         let key = (seen.edge, seen.kind);
-        if let Some(&(top, at)) = self.shown.get(&key)
+        // Desired values have two writers: an older value may win (see
+        // check_conflicts); ConfigMaps have one, the API.
+        if seen.kind == "configmap"
+            && let Some(&(top, at)) = self.shown.get(&key)
             && seen.value < top
         {
             // Watches re-list after a reconnect: an older value shown after
@@ -1288,7 +1516,7 @@ impl Run {
         let ws = self.acked.get(&key).map(Vec::as_slice).unwrap_or_default();
         let upto = from + ws[from.min(ws.len())..].partition_point(|w| w.value <= seen.value);
         for w in &ws[from.min(ws.len())..upto.min(ws.len())] {
-            if w.value > 0 {
+            if w.value > 0 && !w.edge {
                 self.samples.push(LagSample {
                     applied_ms: seen.at_ms,
                     lag_ms: seen.at_ms.saturating_sub(w.sent_ms),
@@ -1297,6 +1525,27 @@ impl Run {
             }
         }
         self.resolved.insert(key, upto.max(from));
+    }
+
+    /// The API showed a desired value: the lag of the edge's writes it covers.
+    fn observe_api(&mut self, seen: &Seen) {
+        let key = (seen.edge, "api-desired");
+        let from = self.resolved.get(&key).copied().unwrap_or(0);
+        let ws = self
+            .acked
+            .get(&(seen.edge, "desired"))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let from = from.min(ws.len());
+        let upto = from + ws[from..].partition_point(|w| w.value <= seen.value);
+        for w in ws[from..upto].iter().filter(|w| w.edge) {
+            self.samples.push(LagSample {
+                applied_ms: seen.at_ms,
+                lag_ms: seen.at_ms.saturating_sub(w.sent_ms),
+                link: (0, seen.edge + 1),
+            });
+        }
+        self.resolved.insert(key, upto);
     }
 
     /// Makes the network and the processes what the timeline says at `t`.
@@ -1435,6 +1684,14 @@ fn api_address(kubeconfig: &Path) -> Result<std::net::SocketAddr, ProcessError> 
         })
 }
 
+/// The last lines of a log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    let tail: Vec<&str> = lines.into_iter().rev().collect();
+    format!("{} (log: {})", tail.join(" / "), path.display())
+}
+
 async fn output(mut cmd: tokio::process::Command, what: &str) -> Result<String, ProcessError> {
     let out = cmd
         .stdin(std::process::Stdio::null())
@@ -1547,8 +1804,15 @@ impl Run {
                 tx.clone(),
             ));
         }
+        tokio::spawn(watch_api_devices(
+            Api::namespaced_with(self.client.clone(), &self.ns, &self.devices),
+            self.t0,
+            tx.clone(),
+        ));
         drop(tx);
         let duration = self.scenario.duration.0;
+        let report_every = self.scenario.workload.report_interval.0.max(100);
+        let mut next_report = report_every;
         let interval = self.scenario.workload.api_interval.0.max(20);
         say(
             self.progress,
@@ -1584,10 +1848,23 @@ impl Run {
                 self.write(rng).await;
                 next_write += interval;
             }
+            if t >= next_report {
+                for e in 0..edges {
+                    if rng.f64() < self.scenario.workload.edge_desired_prob {
+                        self.edge_write(e).await;
+                    }
+                }
+                next_report += report_every;
+            }
             if t >= next_progress {
                 say(
                     self.progress,
-                    &format!("{} s: {} writes acknowledged", t / 1000, self.counter),
+                    &format!(
+                        "{} s: {} writes made ({} at the edges)",
+                        t / 1000,
+                        self.counter,
+                        self.edge_writes
+                    ),
                 );
                 next_progress += 10_000;
             }
@@ -1638,6 +1915,7 @@ impl Run {
                         at - duration
                     ),
                 );
+                self.check_conflicts(windows).await;
                 self.liveness(&mut rx).await;
             }
         }
@@ -1657,6 +1935,92 @@ impl Run {
             p.sample_rss();
         }
         Ok(())
+    }
+
+    /// The conflict rule, where the harness knows two writes were
+    /// concurrent: the last writes of the two sides to a device, both made
+    /// while its edge was cut off from the cloud. Whichever won (the fleet
+    /// agrees on it: convergence checked that), the other must be visible
+    /// as a lost conflict in the device's DeviceStatus.
+    async fn check_conflicts(&mut self, windows: &[Window]) {
+        let statuses: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("devices.kubeedge.io", "v1beta1", "DeviceStatus"),
+                "devicestatuses",
+            ),
+        );
+        for e in 0..self.scenario.fleet.edges {
+            let ws: Vec<Write> = self
+                .acked
+                .get(&(e, "desired"))
+                .into_iter()
+                .flatten()
+                .filter(|w| w.value > 0)
+                .copied()
+                .collect();
+            // The last write of each side; the winner is what the fleet
+            // converged on.
+            let last_of = |edge: bool| ws.iter().rev().find(|w| w.edge == edge).copied();
+            let (Some(cloud), Some(at_edge)) = (last_of(false), last_of(true)) else {
+                continue;
+            };
+            let converged = self.converged_desired.get(&e).copied();
+            let (winner, loser) = if converged == Some(at_edge.value) {
+                (at_edge, cloud)
+            } else if converged == Some(cloud.value) {
+                (cloud, at_edge)
+            } else {
+                continue;
+            };
+            let edge = format!("edge-{e}");
+            let cut = |t: u64| {
+                windows.iter().position(|w| {
+                    w.start + 1_000 <= t
+                        && t + 1_000 <= w.end
+                        && w.cuts.contains(&("cloud-0".to_owned(), edge.clone()))
+                        && w.cuts.contains(&(edge.clone(), "cloud-0".to_owned()))
+                })
+            };
+            let (Some(a), Some(b)) = (cut(winner.sent_ms), cut(loser.sent_ms)) else {
+                continue;
+            };
+            if a != b {
+                continue;
+            }
+            self.conflicts.0 += 1;
+            let name = format!("dev-edge-{e}");
+            let want = loser.value.to_string();
+            let visible = wait_for("the lost conflict", Duration::from_secs(15), async || {
+                let d = statuses.get_opt(&name).await.ok().flatten()?;
+                d.data["status"]["twins"]
+                    .as_array()?
+                    .iter()
+                    .filter(|t| t["propertyName"] == "setpoint")
+                    .flat_map(|t| t["conflicts"].as_array().cloned().unwrap_or_default())
+                    .any(|c| c["value"] == want.as_str())
+                    .then_some(())
+            })
+            .await;
+            match visible {
+                Ok(()) => self.conflicts.1 += 1,
+                Err(_) => self.fail(
+                    "conflict-rule",
+                    format!(
+                        "{name}: {} wrote {} at {} ms and {} wrote {} at {} ms while edge-{e} was cut off; {} won, but the DeviceStatus does not show {} as a lost conflict",
+                        if loser.edge { "the edge" } else { "the API" },
+                        loser.value,
+                        loser.sent_ms,
+                        if winner.edge { "the edge" } else { "the API" },
+                        winner.value,
+                        winner.sent_ms,
+                        winner.value,
+                        loser.value
+                    ),
+                ),
+            }
+        }
     }
 
     async fn liveness(&mut self, rx: &mut mpsc::UnboundedReceiver<Seen>) {
@@ -1727,8 +2091,14 @@ impl Run {
         let mut writes = BTreeMap::new();
         for ((_, kind), ws) in &self.acked {
             // The initial objects are not workload writes.
-            *writes.entry((*kind).to_owned()).or_insert(0) +=
-                ws.iter().filter(|w| w.value > 0).count() as u64;
+            for w in ws.iter().filter(|w| w.value > 0) {
+                let k = if w.edge {
+                    format!("{kind} (edge)")
+                } else {
+                    (*kind).to_owned()
+                };
+                *writes.entry(k).or_insert(0) += 1;
+            }
         }
         let total: u64 = writes.values().sum();
         let (messages, bytes) = self.traffic;
@@ -1781,6 +2151,7 @@ impl Run {
             lag_bin_ms: bin,
             lag_over_time: lag_over_time(&self.samples, bin),
             digest: digest.finalize().to_hex().to_string(),
+            conflicts_visible: self.conflicts.1,
             failures: self.failures.clone(),
             failure_counts: self.failure_counts.clone(),
             ..Report::default()
@@ -1790,6 +2161,8 @@ impl Run {
             mode: "processes".into(),
             processes,
             api_errors: self.api_errors,
+            edge_writes: self.edge_writes,
+            conflicts_expected: self.conflicts.0,
         }
     }
 }
@@ -1836,6 +2209,13 @@ impl ProcessReport {
                     .collect::<Vec<_>>()
                     .join(", "),
                 self.api_errors
+            ),
+        );
+        row(
+            "conflicts",
+            format!(
+                "{} concurrent cloud/edge desired writes checked, {} losers visible in DeviceStatus",
+                self.conflicts_expected, r.conflicts_visible
             ),
         );
         row(
@@ -1967,6 +2347,11 @@ pub async fn run(
         failure_counts: BTreeMap::new(),
         counter: 0,
         api_errors: 0,
+        pending_edge: BTreeMap::new(),
+        last_desired_ms: BTreeMap::new(),
+        edge_writes: 0,
+        conflicts: (0, 0),
+        converged_desired: BTreeMap::new(),
         converged_at: None,
         traffic: (0, 0),
         progress,
