@@ -1,4 +1,5 @@
-//! Outpost's network-chaos simulation harness, deterministic mode.
+//! Outpost's network-chaos simulation harness: the deterministic mode and
+//! the real-stack mode.
 //!
 //! This crate is how Outpost shows that replicas converge and lose no
 //! acknowledged write whatever the network does. It runs a whole fleet in
@@ -21,19 +22,25 @@
 //!   lag over time, the fault windows and the time to catch up after each
 //!   heal, as a table and as JSON;
 //! - [`plot`]: the sync-lag plot of a report (lag over time with the fault
-//!   windows shaded and the heals marked), as SVG.
+//!   windows shaded and the heals marked), as SVG;
+//! - [`quic`]: the real-stack mode: the same scenarios run by real engines
+//!   on real iroh endpoints (QUIC) over a seeded, fault-injecting in-memory
+//!   network, in real time, many endpoints in one process. It is not bit
+//!   for bit deterministic; its module documentation says how close it gets.
 //!
 //! What the simulated network models and what it does not (connection-level
 //! faults only; process crashes, not power loss) is documented on
 //! [`world`].
 //!
 //! It must never be a dependency of another Outpost crate, and it never
-//! touches the host's network, disk or clock: everything is simulated.
-//! The real-stack mode (iroh over an in-memory transport) and the
-//! real-process mode (network namespaces) are not built yet.
+//! touches the host's network or disk: the deterministic mode simulates
+//! everything, clock included; the real-stack mode keeps datagrams in
+//! memory but runs on the host's clock. The real-process mode (network
+//! namespaces) is not built yet.
 
 pub mod nemesis;
 pub mod plot;
+pub mod quic;
 pub mod report;
 pub mod scenario;
 pub mod world;
