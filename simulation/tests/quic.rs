@@ -1,6 +1,7 @@
 //! The real-stack mode: the quic-partition scenario passes for two seeds on
 //! real iroh endpoints over the in-memory network, and a partition of that
-//! network really stops traffic until it heals.
+//! network really stops traffic until it heals; a crashed edge restarts
+//! from its store and catches up; unsupported events are refused.
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
@@ -101,6 +102,49 @@ async fn a_partition_stops_traffic_until_it_heals() {
     tokio::time::timeout(Duration::from_secs(20), arrived)
         .await
         .expect("the write arrives after the heal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_edge_restarts_from_its_store_and_catches_up() {
+    let text = r#"
+name = "quic-crash"
+duration = "10s"
+[fleet]
+clouds = 1
+edges = 2
+sites = 0
+[network]
+delay = { dist = "uniform", min = "2ms", max = "20ms" }
+reorder = 0.05
+duplicate = 0.02
+[workload]
+report_interval = "500ms"
+api_interval = "250ms"
+edge_desired_prob = 0.3
+[checks]
+liveness_bound = "3s"
+settle_timeout = "20s"
+[[event]]
+kind = "crash"
+at = "2s"
+node = "edge-1"
+restart_after = "3s"
+[[event]]
+kind = "one-way"
+at = "6s"
+for = "2s"
+from = "edge-0"
+to = "clouds"
+"#;
+    let s = Scenario::parse(text, Path::new("quic-crash.toml")).unwrap();
+    let r = quic::run(5, s).await.unwrap();
+    assert!(r.passed(), "{:?}\n{}", r.report.failures, r.table());
+    assert_eq!((r.report.crashes, r.report.restarts), (1, 1));
+    assert!(
+        r.network.to_down > 0,
+        "nothing was sent to the crashed edge"
+    );
+    assert!(r.network.held_back > 0 && r.network.duplicated > 0);
 }
 
 #[tokio::test]
