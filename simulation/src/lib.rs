@@ -1,4 +1,5 @@
-//! Outpost's network-chaos simulation harness, deterministic mode.
+//! Outpost's network-chaos simulation harness: the deterministic mode, the
+//! real-stack mode and the real-process mode.
 //!
 //! This crate is how Outpost shows that replicas converge and lose no
 //! acknowledged write whatever the network does. It runs a whole fleet in
@@ -21,27 +22,32 @@
 //!   lag over time, the fault windows and the time to catch up after each
 //!   heal, as a table and as JSON;
 //! - [`plot`]: the sync-lag plot of a report (lag over time with the fault
-//!   windows shaded and the heals marked), as SVG.
-//!
-//! What the simulated network models and what it does not (connection-level
-//! faults only; process crashes, not power loss) is documented on
-//! [`world`].
-//!
+//!   windows shaded and the heals marked), as SVG;
+//! - [`quic`]: the real-stack mode: the same scenarios run by real engines
+//!   on real iroh endpoints (QUIC) over a seeded, fault-injecting in-memory
+//!   network, in real time, many endpoints in one process. It is not bit
+//!   for bit deterministic; its module documentation says how close it gets;
 //! - [`processes`]: the real-process mode: a real `outpost-cloud` and real
 //!   `outpost-edge` processes in network namespaces ([`netns`]), joined to
 //!   the Kubernetes API and read by the harness through [`relay`]s, with
 //!   faults applied by nftables and SIGKILL, and checkers on what the
 //!   processes report.
 //!
-//! It must never be a dependency of another Outpost crate. The deterministic
-//! mode never touches the host's network, disk or clock: everything is
-//! simulated. The real-process mode runs on the host, in namespaces it
-//! creates and deletes.
+//! What the simulated network models and what it does not (connection-level
+//! faults only; process crashes, not power loss) is documented on
+//! [`world`].
+//!
+//! It must never be a dependency of another Outpost crate. The
+//! deterministic mode never touches the host's network, disk or clock:
+//! everything is simulated. The real-stack mode keeps datagrams in memory
+//! but runs on the host's clock. The real-process mode runs on the host, in
+//! namespaces it creates and deletes.
 
 pub mod nemesis;
 pub mod netns;
 pub mod plot;
 pub mod processes;
+pub mod quic;
 pub mod relay;
 pub mod report;
 pub mod scenario;

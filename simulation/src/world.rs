@@ -293,25 +293,25 @@ fn doc(s: String) -> DocId {
         .unwrap_or_else(|e| panic!("the simulation built an invalid document id: {e}"))
 }
 
-fn pod_spec(edge: &str, k: usize) -> DocId {
+pub(crate) fn pod_spec(edge: &str, k: usize) -> DocId {
     doc(format!("pod-spec/{edge}/default/app-{k}/uid-{k}"))
 }
-fn pod_status(edge: &str, k: usize) -> DocId {
+pub(crate) fn pod_status(edge: &str, k: usize) -> DocId {
     doc(format!("pod-status/{edge}/default/app-{k}/uid-{k}"))
 }
-fn device_desired(edge: &str, d: usize) -> DocId {
+pub(crate) fn device_desired(edge: &str, d: usize) -> DocId {
     doc(format!("device-desired/{edge}/default/dev-{d}"))
 }
-fn device_reported(edge: &str, d: usize) -> DocId {
+pub(crate) fn device_reported(edge: &str, d: usize) -> DocId {
     doc(format!("device-reported/{edge}/default/dev-{d}"))
 }
-fn node_status(edge: &str) -> DocId {
+pub(crate) fn node_status(edge: &str) -> DocId {
     doc(format!("node-status/{edge}"))
 }
-fn site_config(site: usize) -> DocId {
+pub(crate) fn site_config(site: usize) -> DocId {
     doc(format!("configmap/site:site-{site}/default/shared"))
 }
-fn site_desired(site: usize) -> DocId {
+pub(crate) fn site_desired(site: usize) -> DocId {
     doc(format!("device-desired/site:site-{site}/default/line"))
 }
 
@@ -2081,7 +2081,7 @@ impl World {
 
 /// The window of a timeline event applied at `now` (faults end by `heal_at`
 /// at the latest, as [`World`] ends them), with a label for people.
-fn window(event: &Timeline, now: u64, heal_at: u64) -> FaultWindow {
+pub(crate) fn window(event: &Timeline, now: u64, heal_at: u64) -> FaultWindow {
     let end = |length: &Dur| (now + length.0).min(heal_at);
     let (label, end_ms) = match event {
         Timeline::Partition { length, a, b, .. } => (format!("partition {a} | {b}"), end(length)),
@@ -2148,23 +2148,23 @@ fn window(event: &Timeline, now: u64, heal_at: u64) -> FaultWindow {
     }
 }
 
-fn resolve_slot(v: &Value, property: &str, writer: &str) -> Option<DesiredWrite> {
+pub(crate) fn resolve_slot(v: &Value, property: &str, writer: &str) -> Option<DesiredWrite> {
     writes(v)
         .remove(property)?
         .into_iter()
         .find(|w| w.writer == writer)
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn short_heads(heads: &[[u8; 32]]) -> String {
+pub(crate) fn short_heads(heads: &[[u8; 32]]) -> String {
     let h: Vec<String> = heads.iter().map(|h| hex(&h[..4])).collect();
     format!("[{}]", h.join(","))
 }
 
-fn short(v: &Option<Value>) -> String {
+pub(crate) fn short(v: &Option<Value>) -> String {
     let s = match v {
         Some(v) => v.to_string(),
         None => "nothing".into(),

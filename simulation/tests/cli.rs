@@ -1,4 +1,4 @@
-//! The `outpost-sim` binary: its help, a run, a failing scenario file, a report.
+//! The `outpost-sim` binary: its help (and the quic mode's), a run, a failing scenario file, a report.
 
 use std::process::Command;
 
@@ -33,6 +33,38 @@ fn help_describes_the_binary() {
     ] {
         assert!(text.contains(flag), "run --help names {flag}: {text}");
     }
+}
+
+#[test]
+fn quic_help_says_what_it_is_and_the_nemesis_is_refused() {
+    let out = sim()
+        .args(["quic", "--help"])
+        .output()
+        .expect("quic --help");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("iroh") && text.contains("in-memory network"),
+        "{text}"
+    );
+    assert!(text.contains("NOT bit for bit deterministic"), "{text}");
+    for flag in [
+        "--seed",
+        "--scenario",
+        "--edges",
+        "--duration",
+        "--report",
+        "--plot",
+    ] {
+        assert!(text.contains(flag), "quic --help names {flag}: {text}");
+    }
+    let out = sim()
+        .args(["quic", "--nemesis"])
+        .output()
+        .expect("quic --nemesis");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nemesis"), "{err}");
 }
 
 #[test]
