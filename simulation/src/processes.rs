@@ -1967,6 +1967,13 @@ impl Run {
                 continue;
             };
             let converged = self.converged_desired.get(&e).copied();
+            debug!(
+                edge = e,
+                ?cloud,
+                ?at_edge,
+                ?converged,
+                "conflict check: the last desired writes"
+            );
             let (winner, loser) = if converged == Some(at_edge.value) {
                 (at_edge, cloud)
             } else if converged == Some(cloud.value) {
@@ -1977,8 +1984,11 @@ impl Run {
             let edge = format!("edge-{e}");
             let cut = |t: u64| {
                 windows.iter().position(|w| {
+                    // A write just after the cut began may have synced
+                    // already; one just before the heal cannot have: the
+                    // other side's writes arrive only after a reconnect.
                     w.start + 1_000 <= t
-                        && t + 1_000 <= w.end
+                        && t + 200 <= w.end
                         && w.cuts.contains(&("cloud-0".to_owned(), edge.clone()))
                         && w.cuts.contains(&(edge.clone(), "cloud-0".to_owned()))
                 })

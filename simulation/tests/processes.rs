@@ -12,9 +12,16 @@ use outpost_simulation::processes::{Options, ProcessError, check_scenario, run};
 use outpost_simulation::scenario::Scenario;
 use outpost_sync::test_utils::env_value;
 
+/// The binaries: this build's, or those in `OUTPOST_SIM_BIN_DIR` (to run
+/// the mode against other builds, e.g. release binaries).
 fn options() -> Options {
-    let sim = PathBuf::from(env!("CARGO_BIN_EXE_outpost-sim"));
-    let bin_dir = sim.parent().unwrap().to_path_buf();
+    let bin_dir = match std::env::var_os("OUTPOST_SIM_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_outpost-sim"))
+            .parent()
+            .unwrap()
+            .to_path_buf(),
+    };
     for bin in ["outpost-cloud", "outpost-edge"] {
         assert!(
             bin_dir.join(bin).is_file(),
