@@ -79,6 +79,10 @@ enum Command {
         /// The first seed.
         #[arg(long, default_value_t = 1)]
         from: u64,
+        /// Write each seed's report (seed-N.json) and lag plot (seed-N.svg)
+        /// into this directory, and the summary (summary.json).
+        #[arg(long)]
+        reports: Option<PathBuf>,
         #[command(flatten)]
         shape: Shape,
     },
@@ -386,7 +390,17 @@ fn real_main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Some(Command::Soak { seeds, from, shape }) => {
+        Some(Command::Soak {
+            seeds,
+            from,
+            reports,
+            shape,
+        }) => {
+            if let Some(dir) = &reports {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let mut summary = Vec::new();
             let mut shape = shape;
             let base = shape.scenario()?;
             if base.events.is_empty() && base.nemesis.is_none() {
@@ -410,12 +424,42 @@ fn real_main() -> anyhow::Result<()> {
                     r.wall_ms as f64 / 1e3,
                     &r.digest[..12]
                 );
+                if let Some(dir) = &reports {
+                    let json = dir.join(format!("seed-{seed}.json"));
+                    std::fs::write(&json, serde_json::to_string_pretty(&r)?)
+                        .with_context(|| format!("cannot write {}", json.display()))?;
+                    let svg = dir.join(format!("seed-{seed}.svg"));
+                    std::fs::write(&svg, outpost_simulation::plot::lag_svg(&r))
+                        .with_context(|| format!("cannot write {}", svg.display()))?;
+                    summary.push(serde_json::json!({
+                        "seed": seed,
+                        "passed": r.passed(),
+                        "faults": faults,
+                        "lag_p99_ms": r.lag_ms.p99,
+                        "converged_after_ms": r.converged_after_ms,
+                        "failures": r.failure_counts,
+                        "digest": r.digest,
+                        "replay": shape.replay(seed),
+                    }));
+                }
                 if !r.passed() {
                     print_failures(&r, &shape.replay(seed));
                     failed.push(seed);
                 }
             }
             let secs = started.elapsed().as_secs_f64();
+            if let Some(dir) = &reports {
+                let path = dir.join("summary.json");
+                let doc = serde_json::json!({
+                    "seeds": summary,
+                    "failed": failed,
+                    "host_s": secs,
+                    "seeds_per_s": seeds as f64 / secs.max(1e-9),
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!("reports in {}", dir.display());
+            }
             println!(
                 "{} seeds, {} failed, {:.1} s, {:.2} seeds/s",
                 seeds,

@@ -1,4 +1,4 @@
-//! The `outpost-sim` binary: its help (and the quic mode's), a run, a failing scenario file, a report.
+//! The `outpost-sim` binary: its help (and the quic mode's), a run, a soak with per-seed reports, a failing scenario file, a report.
 
 use std::process::Command;
 
@@ -142,5 +142,50 @@ fn a_malformed_scenario_is_a_clear_error() {
         .output()
         .expect("run");
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.toml"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_soak_writes_a_report_and_a_plot_per_seed_and_a_summary() {
+    let dir = std::env::temp_dir().join(format!("outpost-sim-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = sim()
+        .args([
+            "soak",
+            "--seeds",
+            "3",
+            "--from",
+            "11",
+            "--edges",
+            "3",
+            "--sites",
+            "1",
+            "--duration",
+            "20s",
+        ])
+        .arg("--reports")
+        .arg(&dir)
+        .output()
+        .expect("run outpost-sim soak");
+    assert!(out.status.success(), "{out:?}");
+    for seed in 11..14 {
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("seed-{seed}.json"))).expect("report"),
+        )
+        .expect("JSON");
+        assert_eq!(json["seed"], seed);
+        let svg = std::fs::read_to_string(dir.join(format!("seed-{seed}.svg"))).expect("plot");
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary"))
+            .expect("JSON");
+    assert_eq!(summary["seeds"].as_array().map(Vec::len), Some(3));
+    assert!(
+        summary["seeds"][0]["replay"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("outpost-sim run --seed 11")),
+        "{summary}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
