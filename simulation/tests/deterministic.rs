@@ -1,7 +1,7 @@
 //! The deterministic simulation: one seed gives one history, the checkers
 //! pass on many seeds of random faults, and every example scenario runs.
 //!
-//! `OUTPOST_SIM_SEEDS=N` runs N nemesis seeds instead of the default few;
+//! `OUTPOST_SIM_SEEDS=N` runs N nemesis seeds instead of the defaults;
 //! `cargo test -p outpost-simulation -- --ignored` adds a longer soak.
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
@@ -82,6 +82,59 @@ fn checkers_pass_under_random_faults() {
         faults += r.faults.values().sum::<u64>();
     }
     assert!(faults > 0, "the nemesis injected nothing");
+}
+
+/// A few hundred seeds of a small fleet under the nemesis, on two threads
+/// (each run is single-threaded and deterministic on its own).
+#[test]
+fn a_few_hundred_seeds_pass() {
+    let mut s = small_nemesis();
+    s.fleet.edges = 3;
+    s.fleet.sites = 1;
+    s.duration = Dur(20_000);
+    s.nemesis = Some(Nemesis {
+        mean_interval: Dur(3_000),
+        max_length: Dur(10_000),
+        ..Nemesis::default()
+    });
+    let n = seeds(200);
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let s = s.clone();
+                scope.spawn(move || {
+                    let mut failed = Vec::new();
+                    let mut faults = 0;
+                    for seed in (1..=n).filter(|k| k % 2 == w) {
+                        let r = run(10_000 + seed, s.clone()).unwrap();
+                        faults += r.faults.values().sum::<u64>();
+                        if !r.passed() {
+                            failed.push(explain(&r));
+                        }
+                    }
+                    (failed, faults)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut faults = 0;
+        for w in workers {
+            let (f, k) = w.join().unwrap();
+            all.extend(f);
+            faults += k;
+        }
+        assert!(
+            faults >= n,
+            "the nemesis injected only {faults} faults in {n} seeds"
+        );
+        all
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {n} seeds failed:{}",
+        failures.len(),
+        failures.join("")
+    );
 }
 
 #[test]
