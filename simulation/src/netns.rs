@@ -96,6 +96,20 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, NetE
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether `name` (a namespace, a Node, a run id) belongs to a run of a
+/// harness process that no longer exists: it starts with [`PREFIX`] and the
+/// process id of a dead process.
+pub fn owner_is_gone(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
+    };
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let Ok(pid) = digits.parse::<u32>() else {
+        return false;
+    };
+    pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Deletes the namespaces of harness runs whose process is gone.
 pub fn sweep_stale() -> Result<usize, NetError> {
     let list = run("ip", &["netns", "list"], None)?;
@@ -104,14 +118,7 @@ pub fn sweep_stale() -> Result<usize, NetError> {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        let Ok(pid) = digits.parse::<u32>() else {
-            continue;
-        };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if owner_is_gone(name) {
             match run("ip", &["netns", "del", name], None) {
                 Ok(_) => gone += 1,
                 Err(e) => warn!(%name, "cannot delete a stale namespace: {e}"),

@@ -842,6 +842,9 @@ impl Run {
                 &format!("deleted {swept} namespaces of earlier runs that had died"),
             );
         }
+        // And what such runs left in Kubernetes (their pods' containers
+        // stay in containerd: only a running edge stops them).
+        delete_objects(&self.client, crate::netns::owner_is_gone).await;
         for bin in ["outpost-cloud", "outpost-edge", "outpost-sim"] {
             if !self.opts.bin_dir.join(bin).is_file() {
                 return Err(ProcessError::Start(format!(
@@ -1612,29 +1615,42 @@ impl Run {
         }
         let _ = self.net.take();
         // The run's objects: its namespace, Nodes, admission records.
-        let namespaces: Api<Namespace> = Api::all(self.client.clone());
-        let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), "outpost-system");
-        let prefix = format!("{}-", self.id);
-        if let Ok(list) = nodes.list(&ListParams::default()).await {
-            for n in list.items {
-                if let Some(name) = n.metadata.name.filter(|n| n.starts_with(&prefix)) {
-                    let _ = nodes.delete(&name, &DeleteParams::default()).await;
-                }
+        let (id, prefix) = (self.id.clone(), format!("{}-", self.id));
+        delete_objects(&self.client, |name| name == id || name.starts_with(&prefix)).await;
+    }
+}
+
+/// Deletes the Kubernetes namespaces, Nodes and admission records whose
+/// (node) name `ours` says belong to a run.
+async fn delete_objects(client: &kube::Client, ours: impl Fn(&str) -> bool) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let lp = ListParams::default().labels("outpost.io/simulation=true");
+    if let Ok(list) = namespaces.list(&lp).await {
+        for n in list.items {
+            if let Some(name) = n.metadata.name.filter(|n| ours(n)) {
+                let _ = namespaces.delete(&name, &DeleteParams::default()).await;
             }
         }
-        if let Ok(list) = secrets.list(&ListParams::default()).await {
-            for s in list.items {
-                let ours = s
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get("outpost.io/node"))
-                    .is_some_and(|n| n.starts_with(&prefix));
-                if let (true, Some(name)) = (ours, s.metadata.name) {
-                    let _ = secrets.delete(&name, &DeleteParams::default()).await;
-                }
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    if let Ok(list) = nodes.list(&ListParams::default()).await {
+        for n in list.items {
+            if let Some(name) = n.metadata.name.filter(|n| ours(n)) {
+                let _ = nodes.delete(&name, &DeleteParams::default()).await;
+            }
+        }
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "outpost-system");
+    if let Ok(list) = secrets.list(&ListParams::default()).await {
+        for s in list.items {
+            let node_is_ours = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("outpost.io/node"))
+                .is_some_and(|n| ours(n));
+            if let (true, Some(name)) = (node_is_ours, s.metadata.name) {
+                let _ = secrets.delete(&name, &DeleteParams::default()).await;
             }
         }
     }
