@@ -713,10 +713,11 @@ async fn bench(settings: &Settings, bin: &Path, base: &mut Run, edge: &mut Run) 
     println!(
         "outpost-edge: {} ({})",
         bin.display(),
-        if bin.to_string_lossy().contains("/release/") {
-            "release build"
-        } else {
-            "debug build"
+        // Known from the path (scripts/bench copies it into a `release` folder).
+        match bin.to_string_lossy() {
+            p if p.contains("/release/") => "release build",
+            p if p.contains("/debug/") => "debug build",
+            _ => "build profile not in its path",
         }
     );
     println!(

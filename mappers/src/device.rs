@@ -19,7 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::driver::{DeviceState, Driver, Health, Reading, WriteError};
+use crate::driver::{Change, DeviceState, Driver, Health, Reading, WriteError};
 
 /// What a device task reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -387,9 +387,9 @@ async fn upkeep_tick(upkeep: &mut Option<tokio::time::Interval>) {
     }
 }
 
-async fn recv_change(changes: &mut Option<mpsc::Receiver<Reading>>) -> Option<Reading> {
+async fn recv_change(changes: &mut Option<mpsc::Receiver<Change>>) -> Option<Reading> {
     match changes {
-        Some(rx) => rx.recv().await,
+        Some(rx) => rx.recv().await.map(|change| *change),
         None => std::future::pending().await,
     }
 }

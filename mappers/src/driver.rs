@@ -84,6 +84,11 @@ pub struct Reading {
     pub value: Result<Value, PropertyError>,
 }
 
+/// A change-driven reading as its channel carries it. Boxed: a tokio
+/// channel allocates its slots 32 at a time whatever its capacity, so with
+/// the reading itself in the slot every device's idle channel held 2 KB.
+pub type Change = Box<Reading>;
+
 /// Whether a device answers, as KubeEdge reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceState {
@@ -229,7 +234,7 @@ pub trait Driver: Send {
 
     /// Change-driven values (OPC UA subscriptions, MQTT telemetry), if the
     /// driver has them; taken once by the task that runs the driver.
-    fn take_changes(&mut self) -> Option<mpsc::Receiver<Reading>> {
+    fn take_changes(&mut self) -> Option<mpsc::Receiver<Change>> {
         None
     }
 }

@@ -40,7 +40,9 @@ use tokio::time::timeout;
 use tracing::{debug, warn};
 
 use crate::config::{ConfigData, ConfigError};
-use crate::driver::{ConnectError, Driver, Health, PropertyError, ReadError, Reading, WriteError};
+use crate::driver::{
+    Change, ConnectError, Driver, Health, PropertyError, ReadError, Reading, WriteError,
+};
 use crate::property::{DataType, PropertySpec, Value, ValueError};
 
 /// Where the broker is and which topics the device uses.
@@ -259,7 +261,7 @@ struct Shared {
 struct Sink {
     properties: Vec<MqttProperty>,
     shared: Mutex<Shared>,
-    changes: mpsc::Sender<Reading>,
+    changes: mpsc::Sender<Change>,
 }
 
 // ------------------------------------------------------------ shared connections
@@ -605,7 +607,7 @@ pub struct MqttDriver {
     specs: Vec<PropertySpec>,
     conn: Option<Connection>,
     health: Health,
-    changes_rx: Option<mpsc::Receiver<Reading>>,
+    changes_rx: Option<mpsc::Receiver<Change>>,
 }
 
 impl std::fmt::Debug for MqttDriver {
@@ -701,7 +703,7 @@ fn take_message(
     payload: &[u8],
     properties: &[MqttProperty],
     shared: &Mutex<Shared>,
-    changes: &mpsc::Sender<Reading>,
+    changes: &mpsc::Sender<Change>,
     topic: &str,
 ) {
     let parsed: Result<Json, String> = serde_json::from_slice(payload).map_err(|e| e.to_string());
@@ -740,10 +742,10 @@ fn take_message(
         }
     }
     for (i, value) in updates {
-        let _ = changes.try_send(Reading {
+        let _ = changes.try_send(Box::new(Reading {
             property: properties[i].spec.name.clone(),
             value,
-        });
+        }));
     }
 }
 
@@ -882,7 +884,7 @@ impl Driver for MqttDriver {
         self.conn.as_ref().map(|c| c.up.clone())
     }
 
-    fn take_changes(&mut self) -> Option<mpsc::Receiver<Reading>> {
+    fn take_changes(&mut self) -> Option<mpsc::Receiver<Change>> {
         self.changes_rx.take()
     }
 }

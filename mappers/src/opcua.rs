@@ -42,7 +42,9 @@ use tokio::time::{Instant, timeout};
 use tracing::{debug, warn};
 
 use crate::config::{ConfigData, ConfigError};
-use crate::driver::{ConnectError, Driver, Health, PropertyError, ReadError, Reading, WriteError};
+use crate::driver::{
+    Change, ConnectError, Driver, Health, PropertyError, ReadError, Reading, WriteError,
+};
 use crate::property::{DataType, PropertySpec, Value, ValueError};
 
 /// The security policy of the endpoint to use.
@@ -273,8 +275,8 @@ pub struct OpcUaDriver {
     conn: Option<Connection>,
     health: Health,
     stats: OpcUaStats,
-    changes_tx: mpsc::Sender<Reading>,
-    changes_rx: Option<mpsc::Receiver<Reading>>,
+    changes_tx: mpsc::Sender<Change>,
+    changes_rx: Option<mpsc::Receiver<Change>>,
     last_heard: Arc<Mutex<Instant>>,
 }
 
@@ -511,7 +513,7 @@ fn handle_of(index: usize) -> u32 {
 /// Receives a subscription's notifications (keep-alives included).
 struct Notifier {
     properties: Vec<(String, DataType)>,
-    tx: mpsc::Sender<Reading>,
+    tx: mpsc::Sender<Change>,
     last_heard: Arc<Mutex<Instant>>,
 }
 
@@ -539,7 +541,7 @@ impl OnSubscriptionNotificationCore for Notifier {
                 };
                 // A full channel means the consumer lags: a later change
                 // or the next collect cycle carries the value.
-                let _ = self.tx.try_send(reading);
+                let _ = self.tx.try_send(Box::new(reading));
             }
         }
     }
@@ -787,7 +789,7 @@ impl Driver for OpcUaDriver {
         self.check_subscription().await.map(|_| ())
     }
 
-    fn take_changes(&mut self) -> Option<mpsc::Receiver<Reading>> {
+    fn take_changes(&mut self) -> Option<mpsc::Receiver<Change>> {
         if self.config.subscribe.is_some() {
             self.changes_rx.take()
         } else {

@@ -23,7 +23,7 @@ use serde_json::Value as Json;
 use tokio::sync::{mpsc, watch};
 
 use crate::device::RunConfig;
-use crate::driver::{ConnectError, Driver, Health, ReadError, Reading, WriteError};
+use crate::driver::{Change, ConnectError, Driver, Health, ReadError, Reading, WriteError};
 use crate::modbus::visitor::ModbusVisitor;
 use crate::modbus::{Framing, ModbusConfig, ModbusDriver, ModbusProperty};
 use crate::mqtt::{MqttConfig, MqttDriver, MqttProperty};
@@ -262,7 +262,7 @@ impl Driver for AnyDriver {
         dispatch!(self, d => d.maintain().await)
     }
 
-    fn take_changes(&mut self) -> Option<mpsc::Receiver<Reading>> {
+    fn take_changes(&mut self) -> Option<mpsc::Receiver<Change>> {
         dispatch!(self, d => d.take_changes())
     }
 }

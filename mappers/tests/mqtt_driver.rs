@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use outpost_mappers::device::{self, Report, RunConfig};
-use outpost_mappers::driver::{DeviceState, Driver, PropertyError, Reading, WriteError};
+use outpost_mappers::driver::{Change, DeviceState, Driver, PropertyError, WriteError};
 use outpost_mappers::mqtt::{MqttConfig, MqttDriver, MqttProperty};
 use outpost_mappers::property::{PropertySpec, Value, ValueError};
 use outpost_mappers::test_utils::SimProcess;
@@ -91,7 +91,7 @@ fn config(host: &str, port: u16, base: &str) -> MqttConfig {
 }
 
 async fn next_change(
-    rx: &mut mpsc::Receiver<Reading>,
+    rx: &mut mpsc::Receiver<Change>,
     property: &str,
 ) -> Result<Value, PropertyError> {
     tokio::time::timeout(Duration::from_secs(5), async {
