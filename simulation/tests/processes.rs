@@ -72,9 +72,9 @@ async fn a_partitioned_crashed_and_lossy_fleet_converges_and_is_cleaned_up() {
         sites = 2
         [workload]
         api_interval = "200ms"
-        api_desired_share = 0.4
-        report_interval = "1s"
-        edge_desired_prob = 0.5
+        api_desired_share = 0.3
+        report_interval = "1500ms"
+        edge_desired_prob = 1.0
         [checks]
         liveness_bound = "20s"
         settle_timeout = "60s"
