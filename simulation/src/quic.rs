@@ -132,7 +132,9 @@ use crate::report::{
 };
 use crate::scenario::{Delay, Dur, Event as Timeline, Network, NetworkChange, Scenario};
 use crate::workload::{self, Writes};
-use crate::world::{EPOCH_MS, Scheduled, hex, resolve_slot, short, short_heads, window};
+use crate::world::{
+    EPOCH_MS, Scheduled, hex, resolve_slot, select_targets, short, short_heads, window,
+};
 
 /// The custom transport id of the simulated network (iroh's registry keeps
 /// small ids for known transports; this one is private to the harness).
@@ -1416,35 +1418,16 @@ impl QuicWorld {
         let edges: Vec<usize> = (0..self.nodes.len())
             .filter(|&n| !self.nodes[n].cloud)
             .collect();
-        match sel {
-            "clouds" => self.clouds.clone(),
-            "edges" => edges,
-            "all" => (0..self.nodes.len()).collect(),
-            "random-edge" => {
-                if edges.is_empty() {
-                    vec![]
-                } else {
-                    vec![edges[self.rng.usize(0..edges.len())]]
-                }
-            }
-            _ => {
-                if let Some(f) = sel.strip_prefix("fraction:") {
-                    let f: f64 = f.parse().unwrap_or(0.0);
-                    let mut pick = edges;
-                    self.rng.shuffle(&mut pick);
-                    pick.truncate((pick.len() as f64 * f).round() as usize);
-                    pick.sort_unstable();
-                    pick
-                } else if let Some(s) = sel.strip_prefix("site:site-") {
-                    s.parse::<usize>()
-                        .ok()
-                        .and_then(|s| self.site_edges.get(s).cloned())
-                        .unwrap_or_default()
-                } else {
-                    self.by_name.get(sel).copied().into_iter().collect()
-                }
-            }
-        }
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        select_targets(
+            sel,
+            &mut self.rng,
+            edges,
+            all,
+            &self.clouds,
+            &self.site_edges,
+            &self.by_name,
+        )
     }
 
     fn recompute_network(&mut self) {

@@ -1209,35 +1209,16 @@ impl World {
         let edges: Vec<usize> = (0..self.nodes.len())
             .filter(|&n| !self.nodes[n].cloud && self.live(n))
             .collect();
-        match sel {
-            "clouds" => self.clouds.clone(),
-            "edges" => edges,
-            "all" => (0..self.nodes.len()).filter(|&n| self.live(n)).collect(),
-            "random-edge" => {
-                if edges.is_empty() {
-                    vec![]
-                } else {
-                    vec![edges[self.rng.usize(0..edges.len())]]
-                }
-            }
-            _ => {
-                if let Some(f) = sel.strip_prefix("fraction:") {
-                    let f: f64 = f.parse().unwrap_or(0.0);
-                    let mut pick = edges;
-                    self.rng.shuffle(&mut pick);
-                    pick.truncate((pick.len() as f64 * f).round() as usize);
-                    pick.sort_unstable();
-                    pick
-                } else if let Some(s) = sel.strip_prefix("site:site-") {
-                    s.parse::<usize>()
-                        .ok()
-                        .and_then(|s| self.site_edges.get(s).cloned())
-                        .unwrap_or_default()
-                } else {
-                    self.by_name.get(sel).copied().into_iter().collect()
-                }
-            }
-        }
+        let all: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.live(n)).collect();
+        select_targets(
+            sel,
+            &mut self.rng,
+            edges,
+            all,
+            &self.clouds,
+            &self.site_edges,
+            &self.by_name,
+        )
     }
 
     fn cut(&mut self, pairs: &[(usize, usize)]) {
@@ -2029,6 +2010,50 @@ pub(crate) fn window(event: &Timeline, now: u64, heal_at: u64) -> FaultWindow {
         label,
         start_ms: now,
         end_ms,
+    }
+}
+
+/// The nodes a fault's selector names, given the candidate `edges` and
+/// `all` nodes: `clouds`, `edges`, `all`, `random-edge` and `fraction:F`
+/// (drawn from `rng`), `site:site-N`, or a node's name. Both modes' faults
+/// pick their targets with it.
+pub(crate) fn select_targets(
+    sel: &str,
+    rng: &mut fastrand::Rng,
+    edges: Vec<usize>,
+    all: Vec<usize>,
+    clouds: &[usize],
+    site_edges: &[Vec<usize>],
+    by_name: &BTreeMap<String, usize>,
+) -> Vec<usize> {
+    match sel {
+        "clouds" => clouds.to_vec(),
+        "edges" => edges,
+        "all" => all,
+        "random-edge" => {
+            if edges.is_empty() {
+                vec![]
+            } else {
+                vec![edges[rng.usize(0..edges.len())]]
+            }
+        }
+        _ => {
+            if let Some(f) = sel.strip_prefix("fraction:") {
+                let f: f64 = f.parse().unwrap_or(0.0);
+                let mut pick = edges;
+                rng.shuffle(&mut pick);
+                pick.truncate((pick.len() as f64 * f).round() as usize);
+                pick.sort_unstable();
+                pick
+            } else if let Some(s) = sel.strip_prefix("site:site-") {
+                s.parse::<usize>()
+                    .ok()
+                    .and_then(|s| site_edges.get(s).cloned())
+                    .unwrap_or_default()
+            } else {
+                by_name.get(sel).copied().into_iter().collect()
+            }
+        }
     }
 }
 
