@@ -17,10 +17,14 @@
 //! - [`world`]: the event loop: nodes, connections, sessions, faults,
 //!   crashes, membership changes, the workload, and the checkers
 //!   (convergence, no acknowledged write lost, the desired-value conflict
-//!   rule, bounded storage, liveness);
+//!   rule, bounded storage, liveness); the private `checks` module holds
+//!   the checker rules it shares with the real-stack mode;
 //! - [`report`]: sync-lag percentiles, traffic and fault counts, the sync
 //!   lag over time, the fault windows and the time to catch up after each
 //!   heal, as a table and as JSON;
+//! - the private `workload` module: the workload both the deterministic and the real-stack
+//!   mode run (provisioning, edge report ticks, the API's writes), drawn
+//!   from the seed in one order;
 //! - [`plot`]: the sync-lag plot of a report (lag over time with the fault
 //!   windows shaded and the heals marked), as SVG;
 //! - [`quic`]: the real-stack mode: the same scenarios run by real engines
@@ -43,6 +47,7 @@
 //! but runs on the host's clock. The real-process mode runs on the host, in
 //! namespaces it creates and deletes.
 
+mod checks;
 pub mod nemesis;
 pub mod netns;
 pub mod plot;
@@ -51,6 +56,7 @@ pub mod quic;
 pub mod relay;
 pub mod report;
 pub mod scenario;
+mod workload;
 pub mod world;
 
 pub use report::{Failure, Report};

@@ -276,6 +276,36 @@ fn print_failures(report: &Report, replay: &str) {
     eprintln!("replay: {replay}");
 }
 
+/// Ends a one-seed subcommand: prints its table, writes the report (`json`)
+/// to `report_path` and the sync-lag plot of `report` to `plot` (default: next
+/// to the report, ending in .svg), and when a checker failed prints the
+/// failures with the `replay` command and exits 1.
+fn finish<T: serde::Serialize>(
+    table: &str,
+    json: &T,
+    report: &Report,
+    passed: bool,
+    report_path: Option<PathBuf>,
+    plot: Option<PathBuf>,
+    replay: &str,
+) -> anyhow::Result<()> {
+    print!("{table}");
+    if let Some(path) = &report_path {
+        let json = serde_json::to_string_pretty(json)?;
+        std::fs::write(path, json)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    if let Some(path) = plot.or_else(|| report_path.map(|r| r.with_extension("svg"))) {
+        std::fs::write(&path, outpost_simulation::plot::lag_svg(report))
+            .with_context(|| format!("cannot write the plot to {}", path.display()))?;
+    }
+    if !passed {
+        print_failures(report, replay);
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
@@ -305,20 +335,15 @@ fn real_main() -> anyhow::Result<()> {
         }) => {
             let scenario = shape.scenario()?;
             let result = run(seed, scenario)?;
-            print!("{}", result.table());
-            if let Some(path) = &report {
-                let json = serde_json::to_string_pretty(&result)?;
-                std::fs::write(path, json)
-                    .with_context(|| format!("cannot write the report to {}", path.display()))?;
-            }
-            if let Some(path) = plot.or_else(|| report.map(|r| r.with_extension("svg"))) {
-                std::fs::write(&path, outpost_simulation::plot::lag_svg(&result))
-                    .with_context(|| format!("cannot write the plot to {}", path.display()))?;
-            }
-            if !result.passed() {
-                print_failures(&result, &shape.replay(seed));
-                std::process::exit(1);
-            }
+            finish(
+                &result.table(),
+                &result,
+                &result,
+                result.passed(),
+                report,
+                plot,
+                &shape.replay(seed),
+            )?;
         }
         Some(Command::Relay { listen, connect }) => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -343,20 +368,15 @@ fn real_main() -> anyhow::Result<()> {
             let result = rt.block_on(outpost_simulation::processes::run(
                 seed, scenario, opts, true,
             ))?;
-            print!("{}", result.table());
-            if let Some(path) = &report {
-                let json = serde_json::to_string_pretty(&result)?;
-                std::fs::write(path, json)
-                    .with_context(|| format!("cannot write the report to {}", path.display()))?;
-            }
-            if let Some(path) = plot.or_else(|| report.map(|r| r.with_extension("svg"))) {
-                std::fs::write(&path, outpost_simulation::plot::lag_svg(&result.report))
-                    .with_context(|| format!("cannot write the plot to {}", path.display()))?;
-            }
-            if !result.passed() {
-                print_failures(&result.report, &shape.replay_with("processes", seed));
-                std::process::exit(1);
-            }
+            finish(
+                &result.table(),
+                &result,
+                &result.report,
+                result.passed(),
+                report,
+                plot,
+                &shape.replay_with("processes", seed),
+            )?;
         }
         Some(Command::Quic {
             seed,
@@ -375,20 +395,15 @@ fn real_main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the tokio runtime")?;
             let result = runtime.block_on(outpost_simulation::quic::run(seed, scenario))?;
-            print!("{}", result.table());
-            if let Some(path) = &report {
-                let json = serde_json::to_string_pretty(&result)?;
-                std::fs::write(path, json)
-                    .with_context(|| format!("cannot write the report to {}", path.display()))?;
-            }
-            if let Some(path) = plot.or_else(|| report.map(|r| r.with_extension("svg"))) {
-                std::fs::write(&path, outpost_simulation::plot::lag_svg(&result.report))
-                    .with_context(|| format!("cannot write the plot to {}", path.display()))?;
-            }
-            if !result.passed() {
-                print_failures(&result.report, &shape.replay_with("quic", seed));
-                std::process::exit(1);
-            }
+            finish(
+                &result.table(),
+                &result,
+                &result.report,
+                result.passed(),
+                report,
+                plot,
+                &shape.replay_with("quic", seed),
+            )?;
         }
         Some(Command::Soak {
             seeds,

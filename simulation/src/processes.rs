@@ -538,8 +538,14 @@ impl Proc {
     }
 }
 
-/// An HTTP GET over a unix socket (an edge's API through its relay).
-async fn http_get(sock: &Path, uri: &str) -> Result<Value, String> {
+/// Opens an HTTP/1 connection over a unix socket (an edge's API through its
+/// relay, or a process's metrics) and sends a GET of `uri`; `timeout` bounds
+/// the wait for the response's head.
+async fn unix_get(
+    sock: &Path,
+    uri: &str,
+    timeout: Option<Duration>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let stream = tokio::net::UnixStream::connect(sock)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -551,10 +557,19 @@ async fn http_get(sock: &Path, uri: &str) -> Result<Value, String> {
         .header("host", "localhost")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| format!("request: {e}"))?;
+    let sent = sender.send_request(req);
+    let resp = match timeout {
+        Some(limit) => tokio::time::timeout(limit, sent)
+            .await
+            .map_err(|_| "timed out".to_string())?,
+        None => sent.await,
+    };
+    resp.map_err(|e| format!("request: {e}"))
+}
+
+/// An HTTP GET over a unix socket (an edge's API through its relay).
+async fn http_get(sock: &Path, uri: &str) -> Result<Value, String> {
+    let resp = unix_get(sock, uri, Some(Duration::from_secs(5))).await?;
     if !resp.status().is_success() {
         return Err(format!("{uri}: HTTP {}", resp.status()));
     }
@@ -675,21 +690,7 @@ async fn watch_once(
     t0: Instant,
     tx: &mpsc::UnboundedSender<Seen>,
 ) -> Result<(), String> {
-    let stream = tokio::net::UnixStream::connect(sock)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(uri)
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    let resp = unix_get(sock, uri, None).await?;
     let mut body = resp.into_body();
     let mut buf: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -1787,16 +1788,7 @@ fn counter_sum(text: &str, name: &str) -> u64 {
 
 /// Fetches a process's /metrics through its relay.
 async fn metrics_text(sock: &Path) -> Option<String> {
-    let stream = tokio::net::UnixStream::connect(sock).await.ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/metrics")
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
-        .ok()?;
-    let resp = sender.send_request(req).await.ok()?;
+    let resp = unix_get(sock, "/metrics", None).await.ok()?;
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     Some(String::from_utf8_lossy(&body).into_owned())
 }

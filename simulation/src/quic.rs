@@ -112,7 +112,7 @@ use iroh::{Endpoint, EndpointAddr, SecretKey, TransportAddr};
 use iroh_base::CustomAddr;
 use outpost_sync::PeerId;
 use outpost_sync::access::{Role, Roster};
-use outpost_sync::desired::{DesiredWrite, resolve, writes};
+use outpost_sync::desired::DesiredWrite;
 use outpost_sync::document::{DocId, DocKind};
 use outpost_sync::engine::Engine;
 use outpost_sync::metrics::SyncMetrics;
@@ -120,19 +120,20 @@ use outpost_sync::replica::{Replica, ReplicaOptions};
 use outpost_sync::store::{MemoryDisk, StoreOptions};
 use outpost_sync::transport::iroh::{IDLE_TIMEOUT, KEEP_ALIVE, PeerAddr, SYNC_ALPN};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::checks;
 use crate::report::{
     Failure, FaultWindow, LagSample, Link as LinkPair, Percentiles, Report, Restored,
 };
 use crate::scenario::{Delay, Dur, Event as Timeline, Network, NetworkChange, Scenario};
+use crate::workload::{self, Writes};
 use crate::world::{
-    EPOCH_MS, device_desired, device_reported, hex, node_status, pod_spec, pod_status,
-    resolve_slot, short, short_heads, site_config, site_desired, window,
+    EPOCH_MS, Scheduled, hex, resolve_slot, select_targets, short, short_heads, window,
 };
 
 /// The custom transport id of the simulated network (iroh's registry keeps
@@ -613,29 +614,6 @@ enum Action {
     Poll,
 }
 
-struct Scheduled {
-    at: u64,
-    seq: u64,
-    action: Action,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
 /// A fault in force.
 enum Active {
     Cuts(Vec<(usize, usize)>, bool),
@@ -710,7 +688,7 @@ pub struct QuicWorld {
     /// host got round to it).
     at: u64,
     seq: u64,
-    queue: BinaryHeap<Reverse<Scheduled>>,
+    queue: BinaryHeap<Reverse<Scheduled<Action>>>,
     disk: MemoryDisk,
     net: SimNetwork,
     lookup: MemoryLookup,
@@ -802,6 +780,21 @@ fn check_supported(scenario: &Scenario) -> Result<Vec<String>, QuicError> {
             .push("network.reset is not modelled (QUIC connections are not reset); ignored".into());
     }
     Ok(warnings)
+}
+
+impl Writes for QuicWorld {
+    fn draws(&mut self) -> &mut fastrand::Rng {
+        &mut self.rng
+    }
+    fn put_docs(&mut self, n: usize, docs: Vec<(DocId, Value)>) {
+        self.write_docs(n, docs);
+    }
+    fn put_desired(&mut self, n: usize, d: &DocId, property: &str, value: String) {
+        self.write_desired(n, d, property, value);
+    }
+    fn remove_doc(&mut self, n: usize, d: &DocId) {
+        self.delete_doc(n, d);
+    }
 }
 
 impl QuicWorld {
@@ -1112,7 +1105,7 @@ impl QuicWorld {
         self.queue.push(Reverse(Scheduled {
             at,
             seq: self.seq,
-            action,
+            ev: action,
         }));
     }
 
@@ -1309,14 +1302,7 @@ impl QuicWorld {
             return;
         };
         for s in 0..self.site_edges.len() {
-            self.write_docs(
-                cloud,
-                vec![(
-                    site_config(s),
-                    json!({"data": {"mode": "normal", "version": 0}}),
-                )],
-            );
-            self.write_desired(cloud, &site_desired(s), "speed", "100".into());
+            workload::provision_site(self, cloud, s);
         }
         let f = self.scenario.fleet.clone();
         for n in 0..self.nodes.len() {
@@ -1324,18 +1310,7 @@ impl QuicWorld {
                 continue;
             }
             let edge = self.nodes[n].name.clone();
-            let specs = (0..f.pods_per_edge)
-                .map(|k| {
-                    (
-                        pod_spec(&edge, k),
-                        json!({"containers": [{"name": "app", "image": "registry.local/app:v0"}], "restartPolicy": "Always", "nodeName": edge}),
-                    )
-                })
-                .collect();
-            self.write_docs(cloud, specs);
-            for d in 0..f.devices_per_edge {
-                self.write_desired(cloud, &device_desired(&edge, d), "setpoint", "20".into());
-            }
+            workload::provision_edge(self, cloud, &edge, &f);
         }
         // Provisioning happens before the clock starts: not a lag sample.
         self.pending.clear();
@@ -1358,39 +1333,8 @@ impl QuicWorld {
         let wall = EPOCH_MS + self.now();
         let w = self.scenario.workload.clone();
         let f = self.scenario.fleet.clone();
-        let mut docs = vec![(
-            node_status(&edge),
-            json!({"heartbeat_ms": wall, "ready": true, "seq": seq}),
-        )];
-        for d in 0..f.devices_per_edge {
-            let temp = 200 + self.rng.i64(-50..50);
-            docs.push((
-                device_reported(&edge, d),
-                json!({"twins": {"temperature": temp}, "state": "online", "seq": seq}),
-            ));
-        }
-        if f.pods_per_edge > 0 && self.rng.f64() < w.pod_status_prob {
-            let k = self.rng.usize(0..f.pods_per_edge);
-            docs.push((
-                pod_status(&edge, k),
-                json!({"phase": "Running", "restarts": seq % 7, "seq": seq}),
-            ));
-        }
-        self.write_docs(n, docs);
-        if f.devices_per_edge > 0 && self.rng.f64() < w.edge_desired_prob {
-            let d = self.rng.usize(0..f.devices_per_edge);
-            self.write_desired(
-                n,
-                &device_desired(&edge, d),
-                "setpoint",
-                format!("{edge}-{seq}"),
-            );
-        }
-        if let Some(s) = self.nodes[n].site
-            && self.rng.f64() < w.site_desired_prob
-        {
-            self.write_desired(n, &site_desired(s), "speed", format!("{edge}-{seq}"));
-        }
+        let site = self.nodes[n].site;
+        workload::report_tick(self, n, &edge, seq, wall, site, &f, &w);
     }
 
     fn api(&mut self, c: usize) {
@@ -1412,39 +1356,13 @@ impl QuicWorld {
         let seq = self.nodes[c].seq;
         let e = edges[self.rng.usize(0..edges.len())];
         let edge = self.nodes[e].name.clone();
+        let site = self.nodes[e].site;
         let f = self.scenario.fleet.clone();
+        let w = self.scenario.workload.clone();
         let cloud = self.nodes[c].name.clone();
-        let roll = self.rng.f64();
-        if roll < self.scenario.workload.api_desired_share && f.devices_per_edge > 0 {
-            if let (Some(s), true) = (self.nodes[e].site, self.rng.u8(..) < 32) {
-                self.write_desired(c, &site_desired(s), "speed", format!("{cloud}-{seq}"));
-            } else {
-                let d = self.rng.usize(0..f.devices_per_edge);
-                self.write_desired(
-                    c,
-                    &device_desired(&edge, d),
-                    "setpoint",
-                    format!("{cloud}-{seq}"),
-                );
-            }
-        } else if f.pods_per_edge > 0 {
-            let k = self.rng.usize(0..f.pods_per_edge);
-            // Deletes only with one cloud, as in the deterministic world.
-            if self.clouds.len() == 1 && self.rng.u8(..) < 24 {
-                self.delete_doc(c, &pod_spec(&edge, k));
-            } else {
-                let spec = json!({"containers": [{"name": "app", "image": format!("registry.local/app:v{seq}")}], "restartPolicy": "Always", "nodeName": edge, "by": cloud});
-                self.write_docs(c, vec![(pod_spec(&edge, k), spec)]);
-            }
-        } else if let Some(s) = self.nodes[e].site {
-            self.write_docs(
-                c,
-                vec![(
-                    site_config(s),
-                    json!({"data": {"mode": "normal", "version": seq}}),
-                )],
-            );
-        }
+        // Deletes only with one cloud, as in the deterministic world.
+        let one_cloud = self.clouds.len() == 1;
+        workload::api_write(self, c, &cloud, seq, &edge, site, &f, &w, one_cloud);
     }
 
     // ---- sync lag ---------------------------------------------------------
@@ -1500,35 +1418,16 @@ impl QuicWorld {
         let edges: Vec<usize> = (0..self.nodes.len())
             .filter(|&n| !self.nodes[n].cloud)
             .collect();
-        match sel {
-            "clouds" => self.clouds.clone(),
-            "edges" => edges,
-            "all" => (0..self.nodes.len()).collect(),
-            "random-edge" => {
-                if edges.is_empty() {
-                    vec![]
-                } else {
-                    vec![edges[self.rng.usize(0..edges.len())]]
-                }
-            }
-            _ => {
-                if let Some(f) = sel.strip_prefix("fraction:") {
-                    let f: f64 = f.parse().unwrap_or(0.0);
-                    let mut pick = edges;
-                    self.rng.shuffle(&mut pick);
-                    pick.truncate((pick.len() as f64 * f).round() as usize);
-                    pick.sort_unstable();
-                    pick
-                } else if let Some(s) = sel.strip_prefix("site:site-") {
-                    s.parse::<usize>()
-                        .ok()
-                        .and_then(|s| self.site_edges.get(s).cloned())
-                        .unwrap_or_default()
-                } else {
-                    self.by_name.get(sel).copied().into_iter().collect()
-                }
-            }
-        }
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        select_targets(
+            sel,
+            &mut self.rng,
+            edges,
+            all,
+            &self.clouds,
+            &self.site_edges,
+            &self.by_name,
+        )
     }
 
     fn recompute_network(&mut self) {
@@ -1969,17 +1868,8 @@ impl QuicWorld {
         self.oracle.kept = kept;
         let rolling = std::mem::take(&mut self.oracle.rolling);
         for (d, (writer, last)) in &rolling {
-            let got = values.get(d);
-            if got != Some(last) {
-                let w = self.nodes[*writer].name.clone();
-                self.fail(
-                    "lost-write",
-                    format!(
-                        "{d}: the last value {w} wrote, {}, is not what its readers hold: {}",
-                        short(&Some(last.clone())),
-                        short(&got.cloned())
-                    ),
-                );
+            if let Some(f) = checks::rolling_lost(d, &self.nodes[*writer].name, last, values) {
+                self.fail("lost-write", f);
             }
         }
         self.oracle.rolling = rolling;
@@ -1989,67 +1879,16 @@ impl QuicWorld {
         let desired = std::mem::take(&mut self.oracle.desired);
         for ((d, prop, writer), last) in &desired {
             let me = self.nodes[*writer].id.to_string();
-            let slot = values.get(d).and_then(|v| resolve_slot(v, prop, &me));
-            if slot.as_ref() != Some(last) {
-                let w = self.nodes[*writer].name.clone();
-                self.fail(
-                    "lost-write",
-                    format!(
-                        "{d}/{prop}: {w}'s last desired write {:?} at {:?} is not in the merged document (slot: {slot:?})",
-                        last.value, last.at
-                    ),
-                );
+            let w = &self.nodes[*writer].name;
+            if let Some(f) = checks::desired_lost(d, prop, w, &me, last, values) {
+                self.fail("lost-write", f);
             }
         }
         self.oracle.desired = desired;
-        // The rule: the highest HLC wins (writer id breaks ties); every write
-        // the winner had not seen, with another value, stays visible as a loser.
-        for (d, v) in values {
-            if d.kind() != DocKind::DeviceDesired {
-                continue;
-            }
-            let resolved = resolve(v);
-            for (prop, slots) in writes(v) {
-                let Some(winner) = slots
-                    .iter()
-                    .max_by(|a, b| (a.at, &a.writer).cmp(&(b.at, &b.writer)))
-                else {
-                    continue;
-                };
-                let mut losers: Vec<&DesiredWrite> = slots
-                    .iter()
-                    .filter(|w| {
-                        w.writer != winner.writer && w.at > winner.seen && w.value != winner.value
-                    })
-                    .collect();
-                losers.sort_by(|a, b| (b.at, &b.writer).cmp(&(a.at, &a.writer)));
-                let Some(got) = resolved.get(&prop) else {
-                    self.fail("conflict", format!("{d}/{prop}: resolve() gives no value"));
-                    continue;
-                };
-                if got.winner != *winner {
-                    self.fail(
-                        "conflict",
-                        format!(
-                            "{d}/{prop}: resolve() picks {:?} ({:?}) but the highest HLC is {:?} ({:?})",
-                            got.winner.value, got.winner.at, winner.value, winner.at
-                        ),
-                    );
-                }
-                self.conflicts += u64::from(!got.losers.is_empty());
-                let mut got_losers: Vec<&DesiredWrite> = got.losers.iter().collect();
-                got_losers.sort_by(|a, b| (b.at, &b.writer).cmp(&(a.at, &a.writer)));
-                if got_losers != losers {
-                    self.fail(
-                        "conflict",
-                        format!(
-                            "{d}/{prop}: losing writes visible {:?}, expected {:?}",
-                            got_losers.iter().map(|w| &w.value).collect::<Vec<_>>(),
-                            losers.iter().map(|w| &w.value).collect::<Vec<_>>()
-                        ),
-                    );
-                }
-            }
+        let (failures, conflicts) = checks::conflict_rule(values);
+        self.conflicts += conflicts;
+        for f in failures {
+            self.fail("conflict", f);
         }
     }
 
@@ -2061,7 +1900,7 @@ impl QuicWorld {
         while let Some(Reverse(next)) = self.queue.pop() {
             tokio::time::sleep_until(self.t0 + Duration::from_millis(next.at)).await;
             self.at = next.at;
-            match next.action {
+            match next.ev {
                 Action::Report(n) => self.report_tick(n),
                 Action::Api(c) => self.api(c),
                 Action::Timeline(i) => self.timeline_event(i).await,

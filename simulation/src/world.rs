@@ -48,19 +48,21 @@ use std::path::PathBuf;
 use automerge::ChangeHash;
 use outpost_sync::PeerId;
 use outpost_sync::access::{Role, Roster};
-use outpost_sync::desired::{DesiredWrite, resolve, set_desired, writes};
+use outpost_sync::desired::{DesiredWrite, set_desired, writes};
 use outpost_sync::document::{DocId, DocKind, Owner};
 use outpost_sync::protocol::{Event as SessionEvent, Message, Session, decode, encode};
 use outpost_sync::replica::{Replica, ReplicaOptions};
 use outpost_sync::store::{MemoryDisk, StoreOptions};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::{debug, info};
 
+use crate::checks;
 use crate::report::{
     Failure, FaultWindow, LagSample, Link as LinkPair, Percentiles, Report, Restored, human_ms,
     human_prob,
 };
 use crate::scenario::{Dur, Event as Timeline, Network, NetworkChange, Scenario};
+use crate::workload::{self, Writes};
 
 /// The wall clock of a node without skew at simulated time 0 (2026-01-01).
 pub const EPOCH_MS: u64 = 1_767_225_600_000;
@@ -160,24 +162,26 @@ enum Ev {
     Check,
 }
 
-struct Scheduled {
-    at: u64,
-    seq: u64,
-    ev: Ev,
+/// An event due at `at` (ms); `seq` orders the events due at one time by
+/// when they were scheduled. Both modes' event queues hold these.
+pub(crate) struct Scheduled<E> {
+    pub(crate) at: u64,
+    pub(crate) seq: u64,
+    pub(crate) ev: E,
 }
 
-impl PartialEq for Scheduled {
+impl<E> PartialEq for Scheduled<E> {
     fn eq(&self, other: &Self) -> bool {
         (self.at, self.seq) == (other.at, other.seq)
     }
 }
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
+impl<E> Eq for Scheduled<E> {}
+impl<E> PartialOrd for Scheduled<E> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Scheduled {
+impl<E> Ord for Scheduled<E> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.at, self.seq).cmp(&(other.at, other.seq))
     }
@@ -249,7 +253,7 @@ pub struct World {
     rng: fastrand::Rng,
     now: u64,
     seq: u64,
-    queue: BinaryHeap<Reverse<Scheduled>>,
+    queue: BinaryHeap<Reverse<Scheduled<Ev>>>,
     disk: MemoryDisk,
     nodes: Vec<Node>,
     by_name: BTreeMap<String, usize>,
@@ -313,6 +317,21 @@ pub(crate) fn site_config(site: usize) -> DocId {
 }
 pub(crate) fn site_desired(site: usize) -> DocId {
     doc(format!("device-desired/site:site-{site}/default/line"))
+}
+
+impl Writes for World {
+    fn draws(&mut self) -> &mut fastrand::Rng {
+        &mut self.rng
+    }
+    fn put_docs(&mut self, n: usize, docs: Vec<(DocId, Value)>) {
+        self.write_docs(n, docs);
+    }
+    fn put_desired(&mut self, n: usize, d: &DocId, property: &str, value: String) {
+        self.write_desired(n, d, property, value);
+    }
+    fn remove_doc(&mut self, n: usize, d: &DocId) {
+        self.delete_doc(n, d);
+    }
 }
 
 impl World {
@@ -755,14 +774,7 @@ impl World {
             return;
         };
         for s in 0..self.site_edges.len() {
-            self.write_docs(
-                cloud,
-                vec![(
-                    site_config(s),
-                    json!({"data": {"mode": "normal", "version": 0}}),
-                )],
-            );
-            self.write_desired(cloud, &site_desired(s), "speed", "100".into());
+            workload::provision_site(self, cloud, s);
         }
     }
 
@@ -772,18 +784,7 @@ impl World {
         };
         let edge = self.nodes[n].name.clone();
         let f = self.scenario.fleet.clone();
-        let specs = (0..f.pods_per_edge)
-            .map(|k| {
-                (
-                    pod_spec(&edge, k),
-                    json!({"containers": [{"name": "app", "image": "registry.local/app:v0"}], "restartPolicy": "Always", "nodeName": edge}),
-                )
-            })
-            .collect();
-        self.write_docs(cloud, specs);
-        for d in 0..f.devices_per_edge {
-            self.write_desired(cloud, &device_desired(&edge, d), "setpoint", "20".into());
-        }
+        workload::provision_edge(self, cloud, &edge, &f);
     }
 
     fn report_tick(&mut self, n: usize) {
@@ -801,39 +802,8 @@ impl World {
         let wall = self.wall_ms(n);
         let w = self.scenario.workload.clone();
         let f = self.scenario.fleet.clone();
-        let mut docs = vec![(
-            node_status(&edge),
-            json!({"heartbeat_ms": wall, "ready": true, "seq": seq}),
-        )];
-        for d in 0..f.devices_per_edge {
-            let temp = 200 + self.rng.i64(-50..50);
-            docs.push((
-                device_reported(&edge, d),
-                json!({"twins": {"temperature": temp}, "state": "online", "seq": seq}),
-            ));
-        }
-        if f.pods_per_edge > 0 && self.rng.f64() < w.pod_status_prob {
-            let k = self.rng.usize(0..f.pods_per_edge);
-            docs.push((
-                pod_status(&edge, k),
-                json!({"phase": "Running", "restarts": seq % 7, "seq": seq}),
-            ));
-        }
-        self.write_docs(n, docs);
-        if f.devices_per_edge > 0 && self.rng.f64() < w.edge_desired_prob {
-            let d = self.rng.usize(0..f.devices_per_edge);
-            self.write_desired(
-                n,
-                &device_desired(&edge, d),
-                "setpoint",
-                format!("{edge}-{seq}"),
-            );
-        }
-        if let Some(s) = self.nodes[n].site
-            && self.rng.f64() < w.site_desired_prob
-        {
-            self.write_desired(n, &site_desired(s), "speed", format!("{edge}-{seq}"));
-        }
+        let site = self.nodes[n].site;
+        workload::report_tick(self, n, &edge, seq, wall, site, &f, &w);
     }
 
     fn api(&mut self, c: usize) {
@@ -855,43 +825,12 @@ impl World {
         let seq = self.nodes[c].seq;
         let e = edges[self.rng.usize(0..edges.len())];
         let edge = self.nodes[e].name.clone();
+        let site = self.nodes[e].site;
         let f = self.scenario.fleet.clone();
+        let w = self.scenario.workload.clone();
         let cloud = self.nodes[c].name.clone();
-        let roll = self.rng.f64();
-        if roll < self.scenario.workload.api_desired_share && f.devices_per_edge > 0 {
-            if let (Some(s), true) = (self.nodes[e].site, self.rng.u8(..) < 32) {
-                self.write_desired(c, &site_desired(s), "speed", format!("{cloud}-{seq}"));
-            } else {
-                let d = self.rng.usize(0..f.devices_per_edge);
-                self.write_desired(
-                    c,
-                    &device_desired(&edge, d),
-                    "setpoint",
-                    format!("{cloud}-{seq}"),
-                );
-            }
-        } else if f.pods_per_edge > 0 {
-            let k = self.rng.usize(0..f.pods_per_edge);
-            // Now and then the API deletes the pod instead. Only with one
-            // cloud: a delete supersedes changes made concurrently to the
-            // old generation, so two clouds writing one pod spec would lose
-            // writes by design (pod specs have one writer in production: the
-            // bridge that holds the lease).
-            if self.clouds.len() == 1 && self.rng.u8(..) < 24 {
-                self.delete_doc(c, &pod_spec(&edge, k));
-            } else {
-                let spec = json!({"containers": [{"name": "app", "image": format!("registry.local/app:v{seq}")}], "restartPolicy": "Always", "nodeName": edge, "by": cloud});
-                self.write_docs(c, vec![(pod_spec(&edge, k), spec)]);
-            }
-        } else if let Some(s) = self.nodes[e].site {
-            self.write_docs(
-                c,
-                vec![(
-                    site_config(s),
-                    json!({"data": {"mode": "normal", "version": seq}}),
-                )],
-            );
-        }
+        let one_cloud = self.clouds.len() == 1;
+        workload::api_write(self, c, &cloud, seq, &edge, site, &f, &w, one_cloud);
     }
 
     // ---- sessions and the network ---------------------------------------
@@ -1270,35 +1209,16 @@ impl World {
         let edges: Vec<usize> = (0..self.nodes.len())
             .filter(|&n| !self.nodes[n].cloud && self.live(n))
             .collect();
-        match sel {
-            "clouds" => self.clouds.clone(),
-            "edges" => edges,
-            "all" => (0..self.nodes.len()).filter(|&n| self.live(n)).collect(),
-            "random-edge" => {
-                if edges.is_empty() {
-                    vec![]
-                } else {
-                    vec![edges[self.rng.usize(0..edges.len())]]
-                }
-            }
-            _ => {
-                if let Some(f) = sel.strip_prefix("fraction:") {
-                    let f: f64 = f.parse().unwrap_or(0.0);
-                    let mut pick = edges;
-                    self.rng.shuffle(&mut pick);
-                    pick.truncate((pick.len() as f64 * f).round() as usize);
-                    pick.sort_unstable();
-                    pick
-                } else if let Some(s) = sel.strip_prefix("site:site-") {
-                    s.parse::<usize>()
-                        .ok()
-                        .and_then(|s| self.site_edges.get(s).cloned())
-                        .unwrap_or_default()
-                } else {
-                    self.by_name.get(sel).copied().into_iter().collect()
-                }
-            }
-        }
+        let all: Vec<usize> = (0..self.nodes.len()).filter(|&n| self.live(n)).collect();
+        select_targets(
+            sel,
+            &mut self.rng,
+            edges,
+            all,
+            &self.clouds,
+            &self.site_edges,
+            &self.by_name,
+        )
     }
 
     fn cut(&mut self, pairs: &[(usize, usize)]) {
@@ -1814,17 +1734,8 @@ impl World {
             if self.nodes[*writer].state == State::Departed {
                 continue;
             }
-            let got = values.get(d);
-            if got != Some(last) {
-                let w = self.nodes[*writer].name.clone();
-                self.fail(
-                    "lost-write",
-                    format!(
-                        "{d}: the last value {w} wrote, {}, is not what its readers hold: {}",
-                        short(&Some(last.clone())),
-                        short(&got.cloned())
-                    ),
-                );
+            if let Some(f) = checks::rolling_lost(d, &self.nodes[*writer].name, last, values) {
+                self.fail("lost-write", f);
             }
         }
         self.oracle.rolling = rolling;
@@ -1839,62 +1750,16 @@ impl World {
                 continue;
             }
             let me = self.nodes[*writer].id.to_string();
-            let slot = values.get(d).and_then(|v| resolve_slot(v, prop, &me));
-            if slot.as_ref() != Some(last) {
-                let w = self.nodes[*writer].name.clone();
-                self.fail(
-                    "lost-write",
-                    format!("{d}/{prop}: {w}'s last desired write {:?} at {:?} is not in the merged document (slot: {slot:?})", last.value, last.at),
-                );
+            let w = &self.nodes[*writer].name;
+            if let Some(f) = checks::desired_lost(d, prop, w, &me, last, values) {
+                self.fail("lost-write", f);
             }
         }
         self.oracle.desired = desired;
-        // The rule: the winner is the write with the highest HLC (writer id
-        // breaks ties); every write the winner had not seen, with another
-        // value, is listed as a loser.
-        for (d, v) in values {
-            if d.kind() != DocKind::DeviceDesired {
-                continue;
-            }
-            let resolved = resolve(v);
-            for (prop, slots) in writes(v) {
-                let Some(winner) = slots
-                    .iter()
-                    .max_by(|a, b| (a.at, &a.writer).cmp(&(b.at, &b.writer)))
-                else {
-                    continue;
-                };
-                let mut losers: Vec<&DesiredWrite> = slots
-                    .iter()
-                    .filter(|w| {
-                        w.writer != winner.writer && w.at > winner.seen && w.value != winner.value
-                    })
-                    .collect();
-                losers.sort_by(|a, b| (b.at, &b.writer).cmp(&(a.at, &a.writer)));
-                let Some(got) = resolved.get(&prop) else {
-                    self.fail("conflict", format!("{d}/{prop}: resolve() gives no value"));
-                    continue;
-                };
-                if got.winner != *winner {
-                    self.fail(
-                        "conflict",
-                        format!("{d}/{prop}: resolve() picks {:?} ({:?}) but the highest HLC is {:?} ({:?})", got.winner.value, got.winner.at, winner.value, winner.at),
-                    );
-                }
-                self.stats.conflicts += u64::from(!got.losers.is_empty());
-                let mut got_losers: Vec<&DesiredWrite> = got.losers.iter().collect();
-                got_losers.sort_by(|a, b| (b.at, &b.writer).cmp(&(a.at, &a.writer)));
-                if got_losers != losers {
-                    self.fail(
-                        "conflict",
-                        format!(
-                            "{d}/{prop}: losing writes visible {:?}, expected {:?}",
-                            got_losers.iter().map(|w| &w.value).collect::<Vec<_>>(),
-                            losers.iter().map(|w| &w.value).collect::<Vec<_>>()
-                        ),
-                    );
-                }
-            }
+        let (failures, conflicts) = checks::conflict_rule(values);
+        self.stats.conflicts += conflicts;
+        for f in failures {
+            self.fail("conflict", f);
         }
     }
 
@@ -2148,6 +2013,50 @@ pub(crate) fn window(event: &Timeline, now: u64, heal_at: u64) -> FaultWindow {
     }
 }
 
+/// The nodes a fault's selector names, given the candidate `edges` and
+/// `all` nodes: `clouds`, `edges`, `all`, `random-edge` and `fraction:F`
+/// (drawn from `rng`), `site:site-N`, or a node's name. Both modes' faults
+/// pick their targets with it.
+pub(crate) fn select_targets(
+    sel: &str,
+    rng: &mut fastrand::Rng,
+    edges: Vec<usize>,
+    all: Vec<usize>,
+    clouds: &[usize],
+    site_edges: &[Vec<usize>],
+    by_name: &BTreeMap<String, usize>,
+) -> Vec<usize> {
+    match sel {
+        "clouds" => clouds.to_vec(),
+        "edges" => edges,
+        "all" => all,
+        "random-edge" => {
+            if edges.is_empty() {
+                vec![]
+            } else {
+                vec![edges[rng.usize(0..edges.len())]]
+            }
+        }
+        _ => {
+            if let Some(f) = sel.strip_prefix("fraction:") {
+                let f: f64 = f.parse().unwrap_or(0.0);
+                let mut pick = edges;
+                rng.shuffle(&mut pick);
+                pick.truncate((pick.len() as f64 * f).round() as usize);
+                pick.sort_unstable();
+                pick
+            } else if let Some(s) = sel.strip_prefix("site:site-") {
+                s.parse::<usize>()
+                    .ok()
+                    .and_then(|s| site_edges.get(s).cloned())
+                    .unwrap_or_default()
+            } else {
+                by_name.get(sel).copied().into_iter().collect()
+            }
+        }
+    }
+}
+
 pub(crate) fn resolve_slot(v: &Value, property: &str, writer: &str) -> Option<DesiredWrite> {
     writes(v)
         .remove(property)?
@@ -2180,6 +2089,7 @@ pub(crate) fn short(v: &Option<Value>) -> String {
 mod tests {
     use super::*;
     use crate::scenario::Fleet;
+    use serde_json::json;
 
     fn small() -> Scenario {
         Scenario {
