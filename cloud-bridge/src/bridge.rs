@@ -30,13 +30,14 @@
 //! the replica's subscriptions. A failed API write is retried after
 //! [`BridgeConfig::retry_after`], by key, so that a later success replaces it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeStatus, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -75,6 +76,9 @@ pub struct BridgeConfig {
     /// second's worth may go at once. Reports coalesce while they wait: each
     /// write carries a device's latest values.
     pub device_status_writes_per_s: f64,
+    /// The most pod status writes in flight at once (fewer, one, while
+    /// node Lease renewals wait: they go first).
+    pub pod_status_writes_in_flight: usize,
     /// How replicas split the nodes ([`crate::shard`]); `None`: this
     /// bridge projects every admitted node and takes no Leases (one bridge
     /// alone, as in tests that share an API server).
@@ -89,6 +93,7 @@ impl Default for BridgeConfig {
             node_status_refresh: Duration::from_secs(300),
             retry_after: Duration::from_secs(1),
             device_status_writes_per_s: 20.0,
+            pod_status_writes_in_flight: 8,
             shards: None,
         }
     }
@@ -127,6 +132,9 @@ pub struct Bridge {
     pub(crate) replicas: watch::Sender<Replicas>,
     /// The bridge's metrics.
     pub(crate) metrics: CloudMetrics,
+    /// Node projections (Lease renewals) are waiting for a slot: other API
+    /// writes hold back.
+    pub(crate) nodes_waiting: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -149,6 +157,7 @@ impl Bridge {
             held: watch::Sender::new(Edges::new()),
             replicas: watch::Sender::new(Replicas::new()),
             metrics: CloudMetrics::default(),
+            nodes_waiting: watch::Sender::new(false),
         }
     }
 
@@ -234,7 +243,7 @@ impl Bridge {
     async fn admission_loop(self) -> Result<(), BridgeError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         let config = watcher::Config::default().labels(&format!("{ADMITTED_LABEL}=true"));
-        let (store, mut stream) = reflect(api, config);
+        let (store, mut stream) = reflect(api, config, slim_admission);
         let mut ready = false;
         while let Some(event) = stream.next().await {
             match event {
@@ -296,7 +305,16 @@ struct NodeState {
     /// The status last written, without heartbeat times.
     status_key: Option<serde_json::Value>,
     status_written: Option<Instant>,
+    /// When this process last renewed the node's Lease.
+    renewed: Option<Instant>,
 }
+
+/// The order in which nodes waiting for a projection slot get one: the
+/// most recently renewed Lease first, never renewed last. A healthy node
+/// (renewing every heartbeat) thus never waits behind a crowd of edges
+/// catching up after a reconnect, whose Leases were last renewed before
+/// they went away.
+type WaitKey = (std::cmp::Reverse<Option<Instant>>, String);
 
 struct NodeLoop {
     bridge: Bridge,
@@ -310,9 +328,9 @@ struct NodeLoop {
     /// Nodes being projected now.
     inflight: HashSet<String>,
     /// Nodes to project again when their running projection ends, and
-    /// nodes waiting for a free slot.
+    /// nodes waiting for a free slot ([`WaitKey`] order).
     again: HashSet<String>,
-    waiting: std::collections::VecDeque<String>,
+    waiting: BTreeSet<WaitKey>,
 }
 
 /// Nodes projected (Lease and status written) at once.
@@ -330,7 +348,7 @@ impl NodeLoop {
             running: tokio::task::JoinSet::new(),
             inflight: HashSet::new(),
             again: HashSet::new(),
-            waiting: std::collections::VecDeque::new(),
+            waiting: BTreeSet::new(),
         }
     }
 
@@ -344,7 +362,10 @@ impl NodeLoop {
         if self.inflight.len() >= PROJECT_CONCURRENCY {
             if !self.again.contains(node) {
                 self.again.insert(node.to_owned());
-                self.waiting.push_back(node.to_owned());
+                let renewed = self.nodes.get(node).and_then(|s| s.renewed);
+                self.waiting
+                    .insert((std::cmp::Reverse(renewed), node.to_owned()));
+                self.publish_waiting();
             }
             return;
         }
@@ -372,17 +393,28 @@ impl NodeLoop {
             retry(&self.retry_tx, node.clone(), self.bridge.config.retry_after);
         }
         if self.again.remove(&node) {
-            self.waiting.retain(|n| n != &node);
+            self.waiting.retain(|(_, n)| n != &node);
             self.schedule(&node);
         }
         while self.inflight.len() < PROJECT_CONCURRENCY {
-            let Some(next) = self.waiting.pop_front() else {
+            let Some((_, next)) = self.waiting.pop_first() else {
                 break;
             };
             if self.again.remove(&next) {
                 self.schedule(&next);
             }
         }
+        self.publish_waiting();
+    }
+
+    /// Tells the other loops whether node projections wait for a slot.
+    fn publish_waiting(&self) {
+        let waiting = !self.waiting.is_empty();
+        self.bridge.nodes_waiting.send_if_modified(|w| {
+            let changed = *w != waiting;
+            *w = waiting;
+            changed
+        });
     }
 
     async fn run(mut self) -> Result<(), BridgeError> {
@@ -390,7 +422,7 @@ impl NodeLoop {
         let mut sub = self.bridge.subscribe([DocKind::NodeStatus]);
         let api: Api<Node> = Api::all(self.bridge.client.clone());
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-        let (store, mut node_events) = reflect(api, config);
+        let (store, mut node_events) = reflect(api, config, slim_node);
         self.store = store;
         loop {
             tokio::select! {
@@ -542,6 +574,7 @@ async fn project_node(
             Ok(_) => {
                 debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
                 state.heartbeat_ms = doc.heartbeat_ms;
+                state.renewed = Some(Instant::now());
                 let m = &bridge.metrics;
                 m.lease_renewals.inc();
                 m.edge_heartbeat_timestamp_seconds
@@ -607,6 +640,9 @@ enum PodRetry {
 struct PodLoop {
     bridge: Bridge,
     pods: Store<Pod>,
+    /// Writes `pods`: the loop applies each pod event itself, after
+    /// comparing it with what the store held.
+    pod_writer: Option<reflector::store::Writer<Pod>>,
     configmaps: Store<ConfigMap>,
     secrets: Store<Secret>,
     /// Which pods (uid → node) use each (namespace, reference).
@@ -621,13 +657,89 @@ struct PodLoop {
     pods_listed: bool,
     retry_tx: mpsc::UnboundedSender<PodRetry>,
     retry_rx: mpsc::UnboundedReceiver<PodRetry>,
+    /// Pod status writes waiting and running.
+    statuses: StatusQueue,
+}
+
+/// Pod status writes: queued by pod-status document (a document queued
+/// twice is written once, with its latest content), at most
+/// [`BridgeConfig::pod_status_writes_in_flight`] at once and one per pod,
+/// and only one at a time while node Lease renewals wait for a slot
+/// ([`Bridge::nodes_waiting`]): a healthy node's renewal never queues
+/// behind a backlog of pod statuses.
+#[derive(Default)]
+struct StatusQueue {
+    order: VecDeque<DocId>,
+    queued: HashSet<DocId>,
+    inflight: HashSet<DocId>,
+    /// Queued again while being written: written again after.
+    again: HashSet<DocId>,
+    running: tokio::task::JoinSet<StatusDone>,
+    /// A digest of the status last written per document, so that a
+    /// document read again unchanged (a re-read after a lag, a relisting)
+    /// costs no API write.
+    written: HashMap<DocId, u64>,
+}
+
+/// A pod status write that ended.
+struct StatusDone {
+    doc: DocId,
+    pod: Arc<Pod>,
+    digest: u64,
+    terminated: bool,
+    outcome: StatusOutcome,
+}
+
+enum StatusOutcome {
+    Written,
+    /// The Pod is gone.
+    Gone,
+    Failed,
+}
+
+impl StatusQueue {
+    fn push(&mut self, doc: DocId) {
+        if self.inflight.contains(&doc) {
+            self.again.insert(doc);
+        } else if self.queued.insert(doc.clone()) {
+            self.order.push_back(doc);
+        }
+    }
+}
+
+/// A digest of a status patch.
+fn digest(patch: &serde_json::Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    patch.to_string().hash(&mut h);
+    h.finish()
+}
+
+/// Does the pod-spec document of `new` come out as that of `old`? (Then
+/// an event for it, e.g. the bridge's own status write, needs no
+/// projection.)
+fn same_projection(old: &Pod, new: &Pod) -> bool {
+    let (a, b) = (&old.metadata, &new.metadata);
+    a.uid == b.uid
+        && a.labels == b.labels
+        && a.annotations == b.annotations
+        && a.deletion_timestamp == b.deletion_timestamp
+        && a.deletion_grace_period_seconds == b.deletion_grace_period_seconds
+        && old.spec == new.spec
 }
 
 /// A watch stream whose events have been applied to a reflector store.
 pub(crate) type Events<K> =
     std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
-pub(crate) fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, Events<K>)
+/// Watches `api` into a reflector store. Every object goes through `slim`
+/// first: the store (and the events) keep only what the bridge reads, not
+/// `managedFields` and the like, which are most of an object's memory.
+pub(crate) fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    slim: fn(&mut K),
+) -> (Store<K>, Events<K>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -638,11 +750,97 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .reflect(writer)
-        .boxed();
+    let stream = watched(api, config, slim).reflect(writer).boxed();
     (store, stream)
+}
+
+/// The watch stream of `api`, each object slimmed by `slim`.
+fn watched<K>(api: Api<K>, config: watcher::Config, slim: fn(&mut K)) -> Events<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, config).default_backoff().modify(slim).boxed()
+}
+
+/// Annotations the bridge never reads and never copies: dropped from every
+/// object it keeps.
+const DROPPED_ANNOTATIONS: &[&str] = &["kubectl.kubernetes.io/last-applied-configuration"];
+
+/// Drops what no loop of the bridge reads from an object's metadata:
+/// `managedFields` (often the larger part of a small object) and
+/// [`DROPPED_ANNOTATIONS`].
+pub(crate) fn slim_metadata(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| !DROPPED_ANNOTATIONS.contains(&k.as_str()));
+    }
+}
+
+/// [`slim_metadata`] for any object.
+pub(crate) fn slim<K: kube::Resource>(object: &mut K) {
+    slim_metadata(object.meta_mut());
+}
+
+/// A Pod as the pod loop keeps it: no status (the bridge writes it, never
+/// reads it), no owner references.
+fn slim_pod(pod: &mut Pod) {
+    slim_metadata(&mut pod.metadata);
+    pod.metadata.owner_references = None;
+    pod.status = None;
+}
+
+/// A ConfigMap as the pod loop keeps it: its name and data.
+fn slim_configmap(cm: &mut ConfigMap) {
+    cm.metadata = ObjectMeta {
+        name: cm.metadata.name.take(),
+        namespace: cm.metadata.namespace.take(),
+        uid: cm.metadata.uid.take(),
+        resource_version: cm.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+/// A Secret as the pod loop keeps it: its name, type and data.
+fn slim_secret(secret: &mut Secret) {
+    secret.metadata = ObjectMeta {
+        name: secret.metadata.name.take(),
+        namespace: secret.metadata.namespace.take(),
+        uid: secret.metadata.uid.take(),
+        resource_version: secret.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+    secret.string_data = None;
+}
+
+/// An admission record as the admission loop keeps it: type and
+/// annotations (the record), no data (the token's hash).
+fn slim_admission(secret: &mut Secret) {
+    slim_metadata(&mut secret.metadata);
+    secret.data = None;
+    secret.string_data = None;
+}
+
+/// A Node as the node loop keeps it: its Ready condition.
+fn slim_node(node: &mut Node) {
+    node.metadata = ObjectMeta {
+        name: node.metadata.name.take(),
+        uid: node.metadata.uid.take(),
+        resource_version: node.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+    node.spec = None;
+    node.status = node.status.take().map(|status| NodeStatus {
+        conditions: status
+            .conditions
+            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        ..NodeStatus::default()
+    });
 }
 
 impl PodLoop {
@@ -659,6 +857,8 @@ impl PodLoop {
             pods_listed: false,
             retry_tx,
             retry_rx,
+            pod_writer: None,
+            statuses: StatusQueue::default(),
         }
     }
 
@@ -671,21 +871,28 @@ impl PodLoop {
         let mut edges_rx = self.bridge.held();
         let mut managed: HashSet<String> = HashSet::new();
         let mut sub = self.bridge.subscribe([DocKind::PodStatus]);
+        let mut nodes_waiting = self.bridge.nodes_waiting.subscribe();
         // Bound pods only; which of them are on managed nodes is checked here.
-        let (pods, mut pod_events) = reflect(
+        let (pods, pod_writer) = reflector::store();
+        let mut pod_events = watched(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields("spec.nodeName!="),
+            slim_pod,
         );
         let (configmaps, mut cm_events) = reflect(
             Api::<ConfigMap>::all(client.clone()),
             watcher::Config::default(),
+            slim_configmap,
         );
         let (secrets, mut secret_events) = reflect(
             Api::<Secret>::all(client.clone()),
             watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
+            slim_secret,
         );
         (self.pods, self.configmaps, self.secrets) = (pods, configmaps, secrets);
+        self.pod_writer = Some(pod_writer);
         loop {
+            self.start_statuses().await;
             tokio::select! {
                 changed = edges_rx.changed() => {
                     if changed.is_err() {
@@ -698,6 +905,12 @@ impl PodLoop {
                     self.specs.retain(|_, doc| {
                         matches!(doc.owner(), outpost_sync::document::Owner::Node(n) if managed.contains(n))
                     });
+                    // Statuses of nodes taken over are written again: the
+                    // API may have moved on while another replica held them.
+                    self.statuses.written.retain(|doc, _| {
+                        matches!(doc.owner(), outpost_sync::document::Owner::Node(n)
+                            if managed.contains(n) && !added.iter().any(|a| a == n))
+                    });
                     // Pods bound before their node was admitted (or taken over).
                     for pod in self.pods.state() {
                         if PodKey::of(&pod).is_some_and(|k| added.contains(&k.node)) {
@@ -705,20 +918,11 @@ impl PodLoop {
                         }
                     }
                     if !added.is_empty() {
-                        self.project_all_statuses().await;
+                        self.project_all_statuses();
                     }
                 }
                 event = pod_events.next() => match event {
-                    Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => {
-                        self.project_pod(&pod);
-                        self.finish_deletion(&pod).await;
-                    }
-                    Some(Ok(watcher::Event::Delete(pod))) => self.pod_gone(&pod),
-                    Some(Ok(watcher::Event::InitDone)) => {
-                        self.pods_listed = true;
-                        self.project_all_statuses().await;
-                    }
-                    Some(Ok(watcher::Event::Init)) => {}
+                    Some(Ok(event)) => self.pod_event(event).await,
                     Some(Err(e)) => warn!(error = %e, "pod watch failed; retrying"),
                     None => return Err(BridgeError::Ended("the pod watch")),
                 },
@@ -751,18 +955,59 @@ impl PodLoop {
                     None => return Err(BridgeError::Ended("the secret watch")),
                 },
                 doc = next_doc(&mut sub) => match doc? {
-                    Some(doc) => self.project_status(&doc).await,
-                    None => self.project_all_statuses().await,
+                    Some(doc) => self.statuses.push(doc),
+                    None => self.project_all_statuses(),
                 },
+                Some(done) = self.statuses.running.join_next(), if !self.statuses.running.is_empty() => {
+                    match done {
+                        Ok(done) => self.status_written(done).await,
+                        Err(e) => warn!(error = %e, "a pod status write failed"),
+                    }
+                }
+                changed = nodes_waiting.changed() => {
+                    if changed.is_err() {
+                        return Err(BridgeError::Ended("the node loop"));
+                    }
+                }
                 Some(retry) = self.retry_rx.recv() => match retry {
                     PodRetry::Spec(key) => {
                         if let Some(pod) = self.pods.get(&key) {
                             self.project_pod(&pod);
                         }
                     }
-                    PodRetry::Status(doc) => self.project_status(&doc).await,
+                    PodRetry::Status(doc) => self.statuses.push(doc),
                 },
             }
+        }
+    }
+
+    /// Applies a pod watch event to the store and projects it.
+    async fn pod_event(&mut self, event: watcher::Event<Pod>) {
+        // Whether the pod-spec document would come out unchanged, from the
+        // object the store held before this event.
+        let unchanged = match &event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => self
+                .pods
+                .get(&ObjectRef::from(pod))
+                .is_some_and(|old| same_projection(&old, pod)),
+            _ => false,
+        };
+        if let Some(writer) = &mut self.pod_writer {
+            writer.apply_watcher_event(&event);
+        }
+        match event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                if !unchanged {
+                    self.project_pod(&pod);
+                }
+                self.finish_deletion(&pod).await;
+            }
+            watcher::Event::Delete(pod) => self.pod_gone(&pod),
+            watcher::Event::InitDone => {
+                self.pods_listed = true;
+                self.project_all_statuses();
+            }
+            watcher::Event::Init => {}
         }
     }
 
@@ -912,19 +1157,40 @@ impl PodLoop {
                     .ok()
             })
         {
+            self.statuses.written.remove(&status);
             self.forget_terminated(&status);
         }
     }
 
-    async fn project_all_statuses(&mut self) {
+    /// Queues every pod-status document (unchanged ones cost no write).
+    fn project_all_statuses(&mut self) {
         for doc in self.bridge.scan(DocKind::PodStatus) {
-            self.project_status(&doc).await;
+            self.statuses.push(doc);
         }
     }
 
-    /// Writes a pod-status document to its Pod's status, and finishes the
-    /// pod's deletion if the edge reports it terminated.
-    async fn project_status(&mut self, doc: &DocId) {
+    /// Starts queued pod status writes while there is room: up to
+    /// [`BridgeConfig::pod_status_writes_in_flight`], or one while node
+    /// projections wait for a slot.
+    async fn start_statuses(&mut self) {
+        let limit = if *self.bridge.nodes_waiting.borrow() {
+            1
+        } else {
+            self.bridge.config.pod_status_writes_in_flight.max(1)
+        };
+        while self.statuses.running.len() < limit {
+            let Some(doc) = self.statuses.order.pop_front() else {
+                return;
+            };
+            self.statuses.queued.remove(&doc);
+            self.project_status(doc).await;
+        }
+    }
+
+    /// Writes a pod-status document to its Pod's status (in a task of its
+    /// own); unless it is what was last written, in which case only the
+    /// pod's deletion is finished if the edge reports it terminated.
+    async fn project_status(&mut self, doc: DocId) {
         let parts: Vec<&str> = doc.as_str().split('/').collect();
         let [_, node, ns, name, uid] = parts[..] else {
             debug!(%doc, "pod-status document id has an unexpected shape");
@@ -938,7 +1204,7 @@ impl PodLoop {
             // The Pod left the API: once its edge reports it terminated, its
             // spec document goes too (the edge then drops the status).
             if self.pods_listed {
-                self.forget_terminated(doc);
+                self.forget_terminated(&doc);
             }
             return;
         }
@@ -950,7 +1216,7 @@ impl PodLoop {
         let status = match self
             .bridge
             .engine
-            .with_replica(|r| r.get::<PodStatusDoc>(doc))
+            .with_replica(|r| r.get::<PodStatusDoc>(&doc))
         {
             Ok(Some(status)) => status,
             Ok(None) => return,
@@ -959,26 +1225,70 @@ impl PodLoop {
                 return;
             }
         };
-        let api: Api<Pod> = Api::namespaced(self.bridge.client.clone(), ns);
         let patch = project::pod_status_patch(ns, name, &status);
-        match api
-            .patch_status(name, &self.bridge.apply_params(), &Patch::Apply(&patch))
-            .await
-        {
-            Ok(_) => debug!(%doc, phase = %status.phase, "pod status written"),
-            Err(e) if admission::is_status(&e, 404) => return,
-            Err(e) => {
-                warn!(%doc, error = %e, "cannot write pod status; retrying");
-                retry(
-                    &self.retry_tx,
-                    PodRetry::Status(doc.clone()),
-                    self.bridge.config.retry_after,
-                );
-                return;
+        let digest = digest(&patch);
+        if self.statuses.written.get(&doc) == Some(&digest) {
+            if status.terminated {
+                self.finish_deletion(&pod).await;
             }
+            return;
         }
-        if status.terminated {
-            self.finish_deletion(&pod).await;
+        let api: Api<Pod> = Api::namespaced(self.bridge.client.clone(), ns);
+        let params = self.bridge.apply_params();
+        let name = name.to_owned();
+        self.statuses.inflight.insert(doc.clone());
+        self.statuses.running.spawn(async move {
+            let outcome = match api
+                .patch_status(&name, &params, &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => {
+                    debug!(%doc, phase = %status.phase, "pod status written");
+                    StatusOutcome::Written
+                }
+                Err(e) if admission::is_status(&e, 404) => StatusOutcome::Gone,
+                Err(e) => {
+                    warn!(%doc, error = %e, "cannot write pod status; retrying");
+                    StatusOutcome::Failed
+                }
+            };
+            StatusDone {
+                doc,
+                pod,
+                digest,
+                terminated: status.terminated,
+                outcome,
+            }
+        });
+    }
+
+    /// A pod status write ended: remembers it, retries a failure, finishes
+    /// the pod's deletion if the edge reports it terminated.
+    async fn status_written(&mut self, done: StatusDone) {
+        let StatusDone {
+            doc,
+            pod,
+            digest,
+            terminated,
+            outcome,
+        } = done;
+        self.statuses.inflight.remove(&doc);
+        match outcome {
+            StatusOutcome::Written => {
+                self.statuses.written.insert(doc.clone(), digest);
+                if terminated {
+                    self.finish_deletion(&pod).await;
+                }
+            }
+            StatusOutcome::Gone => {}
+            StatusOutcome::Failed => retry(
+                &self.retry_tx,
+                PodRetry::Status(doc.clone()),
+                self.bridge.config.retry_after,
+            ),
+        }
+        if self.statuses.again.remove(&doc) {
+            self.statuses.push(doc);
         }
     }
 
@@ -1056,5 +1366,116 @@ impl PodLoop {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(label: &str, phase: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "web", "namespace": "ns", "uid": "u1",
+                "labels": {"app": label},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}",
+                    "team": "a"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                                   "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                     "name": "web-1", "uid": "r1"}]
+            },
+            "spec": {"nodeName": "edge-1", "containers": [{"name": "c", "image": "img"}]},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn a_slimmed_pod_projects_as_the_full_one() {
+        let full = pod("web", "Running");
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        assert!(slim.metadata.managed_fields.is_none());
+        assert!(slim.status.is_none());
+        let annotations = slim.metadata.annotations.as_ref().expect("annotations");
+        assert_eq!(annotations.len(), 1, "{annotations:?}");
+        let (a, b) = (
+            project::pod_spec_doc(&full).expect("full"),
+            project::pod_spec_doc(&slim).expect("slim"),
+        );
+        assert_eq!(
+            serde_json::to_value(a).expect("json"),
+            serde_json::to_value(b).expect("json")
+        );
+    }
+
+    #[test]
+    fn a_status_change_needs_no_projection_a_label_does() {
+        let (mut a, mut b, mut c) = (
+            pod("web", "Pending"),
+            pod("web", "Running"),
+            pod("api", "Pending"),
+        );
+        for p in [&mut a, &mut b, &mut c] {
+            slim_pod(p);
+        }
+        assert!(same_projection(&a, &b));
+        assert!(!same_projection(&a, &c));
+    }
+
+    #[test]
+    fn a_slimmed_node_keeps_its_ready_condition() {
+        let mut node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "edge-1", "uid": "n1", "labels": {"a": "b"},
+                         "managedFields": [{"manager": "x"}]},
+            "status": {
+                "conditions": [{"type": "MemoryPressure", "status": "False"},
+                               {"type": "Ready", "status": "Unknown"}],
+                "nodeInfo": {"machineID": "m", "systemUUID": "", "bootID": "b",
+                             "kernelVersion": "k", "osImage": "o",
+                             "containerRuntimeVersion": "c", "kubeletVersion": "v",
+                             "kubeProxyVersion": "", "operatingSystem": "linux",
+                             "architecture": "amd64"}
+            }
+        }))
+        .expect("node");
+        slim_node(&mut node);
+        assert_eq!(node.metadata.name.as_deref(), Some("edge-1"));
+        assert!(node.metadata.labels.is_none() && node.metadata.managed_fields.is_none());
+        let status = node.status.expect("status");
+        assert!(status.node_info.is_none());
+        let conditions = status.conditions.expect("conditions");
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+            ("Ready", "Unknown")
+        );
+    }
+
+    #[test]
+    fn a_slimmed_secret_and_configmap_project_as_the_full_ones() {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "b"},
+                         "managedFields": [{"manager": "x"}]},
+            "type": "Opaque", "data": {"k": "dg=="}
+        }))
+        .expect("secret");
+        let mut slim = secret.clone();
+        slim_secret(&mut slim);
+        assert!(slim.metadata.labels.is_none());
+        assert_eq!(project::secret_doc(&slim), project::secret_doc(&secret));
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "c", "namespace": "ns", "annotations": {"a": "b"}},
+            "data": {"k": "v"}, "binaryData": {"b": "dg=="}
+        }))
+        .expect("configmap");
+        let mut slim = cm.clone();
+        slim_configmap(&mut slim);
+        assert!(slim.metadata.annotations.is_none());
+        assert_eq!(project::configmap_doc(&slim), project::configmap_doc(&cm));
     }
 }
