@@ -344,8 +344,11 @@ struct NodeLoop {
     waiting: BTreeSet<WaitKey>,
 }
 
-/// Nodes projected (Lease and status written) at once.
-const PROJECT_CONCURRENCY: usize = 16;
+/// Nodes projected (Lease and status written) at once. Enough that 1,000
+/// edges heartbeating every 10 s keep fewer busy than this when the API
+/// answers in ~100 ms: a node waits for a slot only in a burst, and then
+/// pod status writes hold back ([`Bridge::nodes_waiting`]).
+const PROJECT_CONCURRENCY: usize = 32;
 
 impl NodeLoop {
     fn new(bridge: Bridge) -> Self {
@@ -1021,6 +1024,7 @@ impl PodLoop {
                 Some(done) = self.statuses.running.join_next(), if !self.statuses.running.is_empty() => {
                     match done {
                         Ok(done) => self.status_written(done).await,
+                        Err(e) if e.is_cancelled() => {}
                         Err(e) => warn!(error = %e, "a pod status write failed"),
                     }
                 }
