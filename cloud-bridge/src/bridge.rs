@@ -316,16 +316,18 @@ struct NodeState {
     /// The status last written, without heartbeat times.
     status_key: Option<serde_json::Value>,
     status_written: Option<Instant>,
-    /// When this process last renewed the node's Lease.
-    renewed: Option<Instant>,
+    /// The edge's heartbeat period as last seen (ms between the two
+    /// heartbeats of successive renewals); 0 before two renewals.
+    period_ms: u64,
 }
 
-/// The order in which nodes waiting for a projection slot get one: the
-/// most recently renewed Lease first, never renewed last. A healthy node
-/// (renewing every heartbeat) thus never waits behind a crowd of edges
-/// catching up after a reconnect, whose Leases were last renewed before
-/// they went away.
-type WaitKey = (std::cmp::Reverse<Option<Instant>>, String);
+/// The order in which nodes waiting for a projection slot get one:
+/// earliest deadline first, a node's deadline being one heartbeat period
+/// (as last seen, at most half the Lease) after it asked. A node whose edge
+/// heartbeats often goes before one that heartbeats rarely or is catching
+/// up after a reconnect, yet every node's turn comes: deadlines are fixed
+/// when a node asks, so none waits behind later ones for ever.
+type WaitKey = (Instant, String);
 
 struct NodeLoop {
     bridge: Bridge,
@@ -376,9 +378,14 @@ impl NodeLoop {
         if self.inflight.len() >= PROJECT_CONCURRENCY {
             if !self.again.contains(node) {
                 self.again.insert(node.to_owned());
-                let renewed = self.nodes.get(node).and_then(|s| s.renewed);
-                self.waiting
-                    .insert((std::cmp::Reverse(renewed), node.to_owned()));
+                let half_lease =
+                    u64::try_from(self.bridge.config.lease_duration_s).unwrap_or(40) * 500;
+                let period = match self.nodes.get(node).map_or(0, |s| s.period_ms) {
+                    0 => half_lease / 2,
+                    p => p.min(half_lease),
+                };
+                let deadline = Instant::now() + Duration::from_millis(period);
+                self.waiting.insert((deadline, node.to_owned()));
                 self.publish_waiting();
             }
             return;
@@ -587,8 +594,10 @@ async fn project_node(
         {
             Ok(_) => {
                 debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
+                if state.heartbeat_ms > 0 {
+                    state.period_ms = doc.heartbeat_ms.saturating_sub(state.heartbeat_ms);
+                }
                 state.heartbeat_ms = doc.heartbeat_ms;
-                state.renewed = Some(Instant::now());
                 let m = &bridge.metrics;
                 m.lease_renewals.inc();
                 m.edge_heartbeat_timestamp_seconds
