@@ -30,15 +30,16 @@
 //! the replica's subscriptions. A failed API write is retried after
 //! [`BridgeConfig::retry_after`], by key, so that a later success replaces it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeStatus, Pod, PodSpec, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -48,6 +49,7 @@ use outpost_sync::document::{DocId, DocKind};
 use outpost_sync::engine::Engine;
 use outpost_sync::replica::{Scope, Subscription, SubscriptionError};
 use outpost_sync::schema::{NodeStatusDoc, PodSpecDoc, PodStatusDoc};
+use outpost_sync::store::IndexEntry;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -75,6 +77,9 @@ pub struct BridgeConfig {
     /// second's worth may go at once. Reports coalesce while they wait: each
     /// write carries a device's latest values.
     pub device_status_writes_per_s: f64,
+    /// The most pod status writes in flight at once (fewer, one, while
+    /// node Lease renewals wait: they go first).
+    pub pod_status_writes_in_flight: usize,
     /// How replicas split the nodes ([`crate::shard`]); `None`: this
     /// bridge projects every admitted node and takes no Leases (one bridge
     /// alone, as in tests that share an API server).
@@ -92,6 +97,7 @@ impl Default for BridgeConfig {
             node_status_refresh: Duration::from_secs(300),
             retry_after: Duration::from_secs(1),
             device_status_writes_per_s: 20.0,
+            pod_status_writes_in_flight: 8,
             shards: None,
             node_prefix: None,
         }
@@ -131,6 +137,9 @@ pub struct Bridge {
     pub(crate) replicas: watch::Sender<Replicas>,
     /// The bridge's metrics.
     pub(crate) metrics: CloudMetrics,
+    /// Node projections (Lease renewals) are waiting for a slot: other API
+    /// writes hold back.
+    pub(crate) nodes_waiting: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -153,6 +162,7 @@ impl Bridge {
             held: watch::Sender::new(Edges::new()),
             replicas: watch::Sender::new(Replicas::new()),
             metrics: CloudMetrics::default(),
+            nodes_waiting: watch::Sender::new(false),
         }
     }
 
@@ -188,17 +198,27 @@ impl Bridge {
     /// start-up).
     pub async fn run(self) -> Result<(), BridgeError> {
         admission::ensure_namespace(&self.client).await?;
-        let admission = self.clone().admission_loop();
-        let nodes = NodeLoop::new(self.clone()).run();
-        let pods = PodLoop::new(self.clone()).run();
-        let devices = crate::devices::run(self.clone());
-        let shards = async {
-            match &self.config.shards {
-                Some(config) => crate::shard::run(self.clone(), config.clone()).await,
-                None => std::future::pending().await,
+        // Each loop is a task of its own: a burst of work in one (a pod
+        // loop busy with thousands of statuses) does not hold up another
+        // (the node loop's Lease renewals). Dropping the set (this future)
+        // stops them all.
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(self.clone().admission_loop());
+        loops.spawn(NodeLoop::new(self.clone()).run());
+        loops.spawn(PodLoop::new(self.clone()).run());
+        loops.spawn(crate::devices::run(self.clone()));
+        if let Some(config) = &self.config.shards {
+            loops.spawn(crate::shard::run(self.clone(), config.clone()));
+        }
+        while let Some(done) = loops.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => return Err(BridgeError::Ended("a bridge loop")),
             }
-        };
-        tokio::try_join!(admission, nodes, pods, devices, shards).map(|_| ())
+        }
+        Err(BridgeError::Ended("every bridge loop"))
     }
 
     /// The engine's roster: the admitted edges and the other replicas.
@@ -238,7 +258,7 @@ impl Bridge {
     async fn admission_loop(self) -> Result<(), BridgeError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), SYSTEM_NAMESPACE);
         let config = watcher::Config::default().labels(&format!("{ADMITTED_LABEL}=true"));
-        let (store, mut stream) = reflect(api, config);
+        let (store, mut stream) = reflect(api, config, slim_admission);
         let mut ready = false;
         while let Some(event) = stream.next().await {
             match event {
@@ -303,7 +323,18 @@ struct NodeState {
     /// The status last written, without heartbeat times.
     status_key: Option<serde_json::Value>,
     status_written: Option<Instant>,
+    /// The edge's heartbeat period as last seen (ms between the two
+    /// heartbeats of successive renewals); 0 before two renewals.
+    period_ms: u64,
 }
+
+/// The order in which nodes waiting for a projection slot get one:
+/// earliest deadline first, a node's deadline being one heartbeat period
+/// (as last seen, at most half the Lease) after it asked. A node whose edge
+/// heartbeats often goes before one that heartbeats rarely or is catching
+/// up after a reconnect, yet every node's turn comes: deadlines are fixed
+/// when a node asks, so none waits behind later ones for ever.
+type WaitKey = (Instant, String);
 
 struct NodeLoop {
     bridge: Bridge,
@@ -317,13 +348,16 @@ struct NodeLoop {
     /// Nodes being projected now.
     inflight: HashSet<String>,
     /// Nodes to project again when their running projection ends, and
-    /// nodes waiting for a free slot.
+    /// nodes waiting for a free slot ([`WaitKey`] order).
     again: HashSet<String>,
-    waiting: std::collections::VecDeque<String>,
+    waiting: BTreeSet<WaitKey>,
 }
 
-/// Nodes projected (Lease and status written) at once.
-const PROJECT_CONCURRENCY: usize = 16;
+/// Nodes projected (Lease and status written) at once. Enough that 1,000
+/// edges heartbeating every 10 s keep fewer busy than this when the API
+/// answers in ~100 ms: a node waits for a slot only in a burst, and then
+/// pod status writes hold back ([`Bridge::nodes_waiting`]).
+const PROJECT_CONCURRENCY: usize = 32;
 
 impl NodeLoop {
     fn new(bridge: Bridge) -> Self {
@@ -337,7 +371,7 @@ impl NodeLoop {
             running: tokio::task::JoinSet::new(),
             inflight: HashSet::new(),
             again: HashSet::new(),
-            waiting: std::collections::VecDeque::new(),
+            waiting: BTreeSet::new(),
         }
     }
 
@@ -351,7 +385,15 @@ impl NodeLoop {
         if self.inflight.len() >= PROJECT_CONCURRENCY {
             if !self.again.contains(node) {
                 self.again.insert(node.to_owned());
-                self.waiting.push_back(node.to_owned());
+                let half_lease =
+                    u64::try_from(self.bridge.config.lease_duration_s).unwrap_or(40) * 500;
+                let period = match self.nodes.get(node).map_or(0, |s| s.period_ms) {
+                    0 => half_lease / 2,
+                    p => p.min(half_lease),
+                };
+                let deadline = Instant::now() + Duration::from_millis(period);
+                self.waiting.insert((deadline, node.to_owned()));
+                self.publish_waiting();
             }
             return;
         }
@@ -379,17 +421,28 @@ impl NodeLoop {
             retry(&self.retry_tx, node.clone(), self.bridge.config.retry_after);
         }
         if self.again.remove(&node) {
-            self.waiting.retain(|n| n != &node);
+            self.waiting.retain(|(_, n)| n != &node);
             self.schedule(&node);
         }
         while self.inflight.len() < PROJECT_CONCURRENCY {
-            let Some(next) = self.waiting.pop_front() else {
+            let Some((_, next)) = self.waiting.pop_first() else {
                 break;
             };
             if self.again.remove(&next) {
                 self.schedule(&next);
             }
         }
+        self.publish_waiting();
+    }
+
+    /// Tells the other loops whether node projections wait for a slot.
+    fn publish_waiting(&self) {
+        let waiting = !self.waiting.is_empty();
+        self.bridge.nodes_waiting.send_if_modified(|w| {
+            let changed = *w != waiting;
+            *w = waiting;
+            changed
+        });
     }
 
     async fn run(mut self) -> Result<(), BridgeError> {
@@ -397,7 +450,7 @@ impl NodeLoop {
         let mut sub = self.bridge.subscribe([DocKind::NodeStatus]);
         let api: Api<Node> = Api::all(self.bridge.client.clone());
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-        let (store, mut node_events) = reflect(api, config);
+        let (store, mut node_events) = reflect(api, config, slim_node);
         self.store = store;
         loop {
             tokio::select! {
@@ -548,6 +601,9 @@ async fn project_node(
         {
             Ok(_) => {
                 debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
+                if state.heartbeat_ms > 0 {
+                    state.period_ms = doc.heartbeat_ms.saturating_sub(state.heartbeat_ms);
+                }
                 state.heartbeat_ms = doc.heartbeat_ms;
                 let m = &bridge.metrics;
                 m.lease_renewals.inc();
@@ -609,11 +665,16 @@ async fn project_node(
 enum PodRetry {
     Spec(ObjectRef<Pod>),
     Status(DocId),
+    /// The pods of a node taken back ([`PodLoop::refetch_pods`]).
+    Node(String),
 }
 
 struct PodLoop {
     bridge: Bridge,
     pods: Store<Pod>,
+    /// Writes `pods`: the loop applies each pod event itself, after
+    /// comparing it with what the store held.
+    pod_writer: Option<reflector::store::Writer<Pod>>,
     configmaps: Store<ConfigMap>,
     secrets: Store<Secret>,
     /// Which pods (uid → node) use each (namespace, reference).
@@ -621,20 +682,130 @@ struct PodLoop {
     /// What each pod (uid) uses.
     uses: HashMap<String, (String, BTreeSet<Reference>)>,
     /// Managed pods by uid: their pod-spec document (for deletions seen
-    /// only as a watch Delete event).
-    specs: HashMap<String, DocId>,
+    /// only as a watch Delete event) and the [`projection_digest`] it was
+    /// written from.
+    specs: HashMap<String, (DocId, u64)>,
     /// The pod watch has listed every pod once (before that, a pod missing
     /// from the store may just not be listed yet).
     pods_listed: bool,
     retry_tx: mpsc::UnboundedSender<PodRetry>,
     retry_rx: mpsc::UnboundedReceiver<PodRetry>,
+    /// Pod status writes waiting and running.
+    statuses: StatusQueue,
+}
+
+/// Pod status writes: queued by pod-status document (a document queued
+/// twice is written once, with its latest content), at most
+/// [`BridgeConfig::pod_status_writes_in_flight`] at once and one per pod,
+/// and only one at a time while node Lease renewals wait for a slot
+/// ([`Bridge::nodes_waiting`]): a healthy node's renewal never queues
+/// behind a backlog of pod statuses.
+#[derive(Default)]
+struct StatusQueue {
+    order: VecDeque<DocId>,
+    queued: HashSet<DocId>,
+    inflight: HashSet<DocId>,
+    /// Queued again while being written: written again after.
+    again: HashSet<DocId>,
+    running: tokio::task::JoinSet<StatusDone>,
+    /// The version ([`doc_version`]) of each document last written, and
+    /// whether it said terminated: a document read again unchanged (a
+    /// re-read after a lag, a relisting) costs no API write, nor even a
+    /// load.
+    written: HashMap<DocId, (u64, bool)>,
+}
+
+/// A pod status write that ended.
+struct StatusDone {
+    doc: DocId,
+    pod: Arc<Pod>,
+    version: u64,
+    terminated: bool,
+    outcome: StatusOutcome,
+}
+
+enum StatusOutcome {
+    Written,
+    /// The Pod is gone.
+    Gone,
+    Failed,
+}
+
+impl StatusQueue {
+    fn push(&mut self, doc: DocId) {
+        if self.inflight.contains(&doc) {
+            self.again.insert(doc);
+        } else if self.queued.insert(doc.clone()) {
+            self.order.push_back(doc);
+        }
+    }
+}
+
+/// A document's version: its generation and heads, from the replica's
+/// index (no load).
+fn doc_version(entry: &IndexEntry) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    entry.generation.hash(&mut h);
+    entry.heads.hash(&mut h);
+    h.finish()
+}
+
+/// Pod-status documents looked at, at most, before the pod loop lets its
+/// other work run.
+const STATUS_BATCH: usize = 256;
+
+/// A digest of what a pod's pod-spec document is made of: an event that
+/// leaves it unchanged (e.g. the bridge's own status write) needs no
+/// projection.
+fn projection_digest(pod: &Pod) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let m = &pod.metadata;
+    let parts = (
+        &m.uid,
+        &m.labels,
+        &m.annotations,
+        &m.deletion_timestamp,
+        &m.deletion_grace_period_seconds,
+        &pod.spec,
+    );
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&parts)
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
+}
+
+/// A projected pod as the pod store keeps it: its spec is in its pod-spec
+/// document, the store keeps only what finds the document (the node) and
+/// finishes a deletion. Containers and volumes are most of a Pod's memory.
+fn without_spec(mut pod: Pod) -> Pod {
+    pod.spec = pod.spec.map(|spec| PodSpec {
+        node_name: spec.node_name,
+        termination_grace_period_seconds: spec.termination_grace_period_seconds,
+        ..PodSpec::default()
+    });
+    pod
+}
+
+/// Does the store hold `pod`'s whole spec? (Every real pod has a
+/// container; one kept [`without_spec`] has none.)
+fn has_spec(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| !s.containers.is_empty())
 }
 
 /// A watch stream whose events have been applied to a reflector store.
 pub(crate) type Events<K> =
     std::pin::Pin<Box<dyn Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send>>;
 
-pub(crate) fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, Events<K>)
+/// Watches `api` into a reflector store. Every object goes through `slim`
+/// first: the store (and the events) keep only what the bridge reads, not
+/// `managedFields` and the like, which are most of an object's memory.
+pub(crate) fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    slim: fn(&mut K),
+) -> (Store<K>, Events<K>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -645,11 +816,97 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .reflect(writer)
-        .boxed();
+    let stream = watched(api, config, slim).reflect(writer).boxed();
     (store, stream)
+}
+
+/// The watch stream of `api`, each object slimmed by `slim`.
+fn watched<K>(api: Api<K>, config: watcher::Config, slim: fn(&mut K)) -> Events<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, config).default_backoff().modify(slim).boxed()
+}
+
+/// Annotations the bridge never reads and never copies: dropped from every
+/// object it keeps.
+const DROPPED_ANNOTATIONS: &[&str] = &["kubectl.kubernetes.io/last-applied-configuration"];
+
+/// Drops what no loop of the bridge reads from an object's metadata:
+/// `managedFields` (often the larger part of a small object) and
+/// [`DROPPED_ANNOTATIONS`].
+pub(crate) fn slim_metadata(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| !DROPPED_ANNOTATIONS.contains(&k.as_str()));
+    }
+}
+
+/// [`slim_metadata`] for any object.
+pub(crate) fn slim<K: kube::Resource>(object: &mut K) {
+    slim_metadata(object.meta_mut());
+}
+
+/// A Pod as the pod loop keeps it: no status (the bridge writes it, never
+/// reads it), no owner references.
+fn slim_pod(pod: &mut Pod) {
+    slim_metadata(&mut pod.metadata);
+    pod.metadata.owner_references = None;
+    pod.status = None;
+}
+
+/// A ConfigMap as the pod loop keeps it: its name and data.
+fn slim_configmap(cm: &mut ConfigMap) {
+    cm.metadata = ObjectMeta {
+        name: cm.metadata.name.take(),
+        namespace: cm.metadata.namespace.take(),
+        uid: cm.metadata.uid.take(),
+        resource_version: cm.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+/// A Secret as the pod loop keeps it: its name, type and data.
+fn slim_secret(secret: &mut Secret) {
+    secret.metadata = ObjectMeta {
+        name: secret.metadata.name.take(),
+        namespace: secret.metadata.namespace.take(),
+        uid: secret.metadata.uid.take(),
+        resource_version: secret.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+    secret.string_data = None;
+}
+
+/// An admission record as the admission loop keeps it: type and
+/// annotations (the record), no data (the token's hash).
+fn slim_admission(secret: &mut Secret) {
+    slim_metadata(&mut secret.metadata);
+    secret.data = None;
+    secret.string_data = None;
+}
+
+/// A Node as the node loop keeps it: its Ready condition.
+fn slim_node(node: &mut Node) {
+    node.metadata = ObjectMeta {
+        name: node.metadata.name.take(),
+        uid: node.metadata.uid.take(),
+        resource_version: node.metadata.resource_version.take(),
+        ..ObjectMeta::default()
+    };
+    node.spec = None;
+    node.status = node.status.take().map(|status| NodeStatus {
+        conditions: status
+            .conditions
+            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        ..NodeStatus::default()
+    });
 }
 
 impl PodLoop {
@@ -666,6 +923,8 @@ impl PodLoop {
             pods_listed: false,
             retry_tx,
             retry_rx,
+            pod_writer: None,
+            statuses: StatusQueue::default(),
         }
     }
 
@@ -678,21 +937,28 @@ impl PodLoop {
         let mut edges_rx = self.bridge.held();
         let mut managed: HashSet<String> = HashSet::new();
         let mut sub = self.bridge.subscribe([DocKind::PodStatus]);
+        let mut nodes_waiting = self.bridge.nodes_waiting.subscribe();
         // Bound pods only; which of them are on managed nodes is checked here.
-        let (pods, mut pod_events) = reflect(
+        let (pods, pod_writer) = reflector::store();
+        let mut pod_events = watched(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields("spec.nodeName!="),
+            slim_pod,
         );
         let (configmaps, mut cm_events) = reflect(
             Api::<ConfigMap>::all(client.clone()),
             watcher::Config::default(),
+            slim_configmap,
         );
         let (secrets, mut secret_events) = reflect(
             Api::<Secret>::all(client.clone()),
             watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
+            slim_secret,
         );
         (self.pods, self.configmaps, self.secrets) = (pods, configmaps, secrets);
+        self.pod_writer = Some(pod_writer);
         loop {
+            self.start_statuses().await;
             tokio::select! {
                 changed = edges_rx.changed() => {
                     if changed.is_err() {
@@ -702,30 +968,40 @@ impl PodLoop {
                     let added: Vec<String> = now.difference(&managed).cloned().collect();
                     managed = now;
                     // Pods of nodes handed to another replica: theirs now.
-                    self.specs.retain(|_, doc| {
+                    self.specs.retain(|_, (doc, _)| {
                         matches!(doc.owner(), outpost_sync::document::Owner::Node(n) if managed.contains(n))
                     });
-                    // Pods bound before their node was admitted (or taken over).
+                    // Statuses of nodes taken over are written again: the
+                    // API may have moved on while another replica held them.
+                    self.statuses.written.retain(|doc, _| {
+                        matches!(doc.owner(), outpost_sync::document::Owner::Node(n)
+                            if managed.contains(n) && !added.iter().any(|a| a == n))
+                    });
+                    // Pods bound before their node was admitted (or taken
+                    // over). The store keeps the whole spec of pods of
+                    // nodes never held; those of a node held before, handed
+                    // away and taken back, come from the API again.
+                    let mut refetch = BTreeSet::new();
                     for pod in self.pods.state() {
-                        if PodKey::of(&pod).is_some_and(|k| added.contains(&k.node)) {
-                            self.project_pod(&pod);
+                        let Some(node) = PodKey::of(&pod).map(|k| k.node) else { continue };
+                        if !added.contains(&node) {
+                            continue;
+                        }
+                        if has_spec(&pod) {
+                            if self.project_pod(&pod) {
+                                self.keep_projected(&pod);
+                            }
+                        } else {
+                            refetch.insert(node);
                         }
                     }
+                    self.refetch_pods(refetch).await;
                     if !added.is_empty() {
-                        self.project_all_statuses().await;
+                        self.project_all_statuses();
                     }
                 }
                 event = pod_events.next() => match event {
-                    Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => {
-                        self.project_pod(&pod);
-                        self.finish_deletion(&pod).await;
-                    }
-                    Some(Ok(watcher::Event::Delete(pod))) => self.pod_gone(&pod),
-                    Some(Ok(watcher::Event::InitDone)) => {
-                        self.pods_listed = true;
-                        self.project_all_statuses().await;
-                    }
-                    Some(Ok(watcher::Event::Init)) => {}
+                    Some(Ok(event)) => self.pod_event(event).await,
                     Some(Err(e)) => warn!(error = %e, "pod watch failed; retrying"),
                     None => return Err(BridgeError::Ended("the pod watch")),
                 },
@@ -758,41 +1034,150 @@ impl PodLoop {
                     None => return Err(BridgeError::Ended("the secret watch")),
                 },
                 doc = next_doc(&mut sub) => match doc? {
-                    Some(doc) => self.project_status(&doc).await,
-                    None => self.project_all_statuses().await,
+                    Some(doc) => self.statuses.push(doc),
+                    None => self.project_all_statuses(),
                 },
+                Some(done) = self.statuses.running.join_next(), if !self.statuses.running.is_empty() => {
+                    match done {
+                        Ok(done) => self.status_written(done).await,
+                        Err(e) if e.is_cancelled() => {}
+                        Err(e) => warn!(error = %e, "a pod status write failed"),
+                    }
+                }
+                changed = nodes_waiting.changed() => {
+                    if changed.is_err() {
+                        return Err(BridgeError::Ended("the node loop"));
+                    }
+                }
                 Some(retry) = self.retry_rx.recv() => match retry {
+                    // A pod kept without spec has been projected since.
                     PodRetry::Spec(key) => {
-                        if let Some(pod) = self.pods.get(&key) {
-                            self.project_pod(&pod);
+                        if let Some(pod) = self.pods.get(&key).filter(|p| has_spec(p))
+                            && self.project_pod(&pod)
+                        {
+                            self.keep_projected(&pod);
                         }
                     }
-                    PodRetry::Status(doc) => self.project_status(&doc).await,
+                    PodRetry::Node(node) => self.refetch_pods(BTreeSet::from([node])).await,
+                    PodRetry::Status(doc) => self.statuses.push(doc),
                 },
             }
         }
     }
 
-    /// Writes a managed pod's pod-spec document and the ConfigMaps and
-    /// Secrets it uses.
-    fn project_pod(&mut self, pod: &Pod) {
-        let Some(key) = PodKey::of(pod) else { return };
-        if !self.managed(&key.node) {
+    /// Applies a pod watch event to the store and projects it.
+    async fn pod_event(&mut self, event: watcher::Event<Pod>) {
+        // A pod whose spec is in its pod-spec document is kept without it.
+        let event = match event {
+            watcher::Event::Apply(pod) => watcher::Event::Apply(self.project_kept(pod)),
+            watcher::Event::InitApply(pod) => watcher::Event::InitApply(self.project_kept(pod)),
+            other => other,
+        };
+        if let Some(writer) = &mut self.pod_writer {
+            writer.apply_watcher_event(&event);
+        }
+        match event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                self.finish_deletion(&pod).await;
+            }
+            watcher::Event::Delete(pod) => self.pod_gone(&pod),
+            watcher::Event::InitDone => {
+                self.pods_listed = true;
+                self.project_all_statuses();
+            }
+            watcher::Event::Init => {}
+        }
+    }
+
+    /// Projects a pod and returns it as the store is to keep it.
+    fn project_kept(&mut self, pod: Pod) -> Pod {
+        if self.project_pod(&pod) {
+            without_spec(pod)
+        } else {
+            pod
+        }
+    }
+
+    /// Replaces a projected pod in the store with its [`without_spec`]
+    /// form, unless the store moved on to another version meanwhile.
+    fn keep_projected(&mut self, pod: &Pod) {
+        let current = self.pods.get(&ObjectRef::from(pod));
+        if current.is_none_or(|c| c.metadata.resource_version != pod.metadata.resource_version) {
             return;
+        }
+        if let Some(writer) = &mut self.pod_writer {
+            writer.apply_watcher_event(&watcher::Event::Apply(without_spec(pod.clone())));
+        }
+    }
+
+    /// Lists again, from the API, the pods of nodes whose pods the store
+    /// keeps without spec (nodes held before, handed away and taken back),
+    /// and projects them.
+    async fn refetch_pods(&mut self, nodes: BTreeSet<String>) {
+        if nodes.is_empty() {
+            return;
+        }
+        let api: Api<Pod> = Api::all(self.bridge.client.clone());
+        let lists: Vec<(String, Result<kube::core::ObjectList<Pod>, kube::Error>)> =
+            futures::stream::iter(nodes)
+                .map(|node| {
+                    let api = api.clone();
+                    async move {
+                        let params = ListParams::default().fields(&format!("spec.nodeName={node}"));
+                        let list = api.list(&params).await;
+                        (node, list)
+                    }
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+        for (node, list) in lists {
+            match list {
+                Ok(list) => {
+                    for mut pod in list.items {
+                        slim_pod(&mut pod);
+                        self.project_pod(&pod);
+                    }
+                }
+                Err(e) => {
+                    warn!(%node, error = %e, "cannot list the pods of a node taken back; retrying");
+                    retry(
+                        &self.retry_tx,
+                        PodRetry::Node(node),
+                        self.bridge.config.retry_after,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes a managed pod's pod-spec document and the ConfigMaps and
+    /// Secrets it uses, unless it was written from the same pod already.
+    /// True when the document holds this pod (its spec need not be kept).
+    fn project_pod(&mut self, pod: &Pod) -> bool {
+        let Some(key) = PodKey::of(pod) else {
+            return false;
+        };
+        if !self.managed(&key.node) {
+            return false;
+        }
+        let digest = projection_digest(pod);
+        if self.specs.get(&key.uid).is_some_and(|(_, d)| *d == digest) {
+            return true;
         }
         let spec = match project::pod_spec_doc(pod) {
             Ok(spec) => spec,
             Err(e) => {
                 // Not retried: the pod changes (and comes back) or is fixed by hand.
                 warn!(pod = %format!("{}/{}", key.namespace, key.name), error = %e, "pod not projected");
-                return;
+                return false;
             }
         };
         let doc = match key.spec_doc() {
             Ok(doc) => doc,
             Err(e) => {
                 warn!(error = %e, "pod not projected: invalid document id");
-                return;
+                return false;
             }
         };
         if let Err(e) = self.bridge.engine.put(&doc, &spec) {
@@ -802,14 +1187,15 @@ impl PodLoop {
                 PodRetry::Spec(ObjectRef::from(pod)),
                 self.bridge.config.retry_after,
             );
-            return;
+            return false;
         }
-        self.specs.insert(key.uid.clone(), doc);
+        self.specs.insert(key.uid.clone(), (doc, digest));
         let refs = project::references(&spec);
         self.set_uses(&key.uid, &key.node, &key.namespace, refs.clone());
         for r in &refs {
             self.write_reference_for(&key.node, &key.namespace, r);
         }
+        true
     }
 
     fn set_uses(&mut self, uid: &str, node: &str, ns: &str, refs: BTreeSet<Reference>) {
@@ -891,7 +1277,7 @@ impl PodLoop {
             return;
         };
         self.set_uses(&uid, "", "", BTreeSet::new());
-        let Some(doc) = self.specs.remove(&uid) else {
+        let Some((doc, _)) = self.specs.remove(&uid) else {
             return;
         };
         let engine = &self.bridge.engine;
@@ -919,19 +1305,56 @@ impl PodLoop {
                     .ok()
             })
         {
+            self.statuses.written.remove(&status);
             self.forget_terminated(&status);
         }
     }
 
-    async fn project_all_statuses(&mut self) {
-        for doc in self.bridge.scan(DocKind::PodStatus) {
-            self.project_status(&doc).await;
+    /// Queues every pod-status document not written as it is now.
+    fn project_all_statuses(&mut self) {
+        let prefix = format!("{}/", DocKind::PodStatus.as_str());
+        let written = &self.statuses.written;
+        let changed: Vec<DocId> = self.bridge.engine.with_replica(|r| {
+            r.scan_prefix(&prefix)
+                .filter_map(Result::ok)
+                .filter(|(doc, entry)| {
+                    written.get(doc).map(|(v, _)| *v) != Some(doc_version(entry))
+                })
+                .map(|(doc, _)| doc)
+                .collect()
+        });
+        for doc in changed {
+            self.statuses.push(doc);
         }
     }
 
-    /// Writes a pod-status document to its Pod's status, and finishes the
-    /// pod's deletion if the edge reports it terminated.
-    async fn project_status(&mut self, doc: &DocId) {
+    /// Starts queued pod status writes while there is room: up to
+    /// [`BridgeConfig::pod_status_writes_in_flight`], or one while node
+    /// projections wait for a slot.
+    async fn start_statuses(&mut self) {
+        let limit = if *self.bridge.nodes_waiting.borrow() {
+            1
+        } else {
+            self.bridge.config.pod_status_writes_in_flight.max(1)
+        };
+        let mut looked = 0;
+        while self.statuses.running.len() < limit {
+            let Some(doc) = self.statuses.order.pop_front() else {
+                return;
+            };
+            self.statuses.queued.remove(&doc);
+            self.project_status(doc).await;
+            looked += 1;
+            if looked % STATUS_BATCH == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Writes a pod-status document to its Pod's status (in a task of its
+    /// own); unless it is what was last written, in which case only the
+    /// pod's deletion is finished if the edge reports it terminated.
+    async fn project_status(&mut self, doc: DocId) {
         let parts: Vec<&str> = doc.as_str().split('/').collect();
         let [_, node, ns, name, uid] = parts[..] else {
             debug!(%doc, "pod-status document id has an unexpected shape");
@@ -945,7 +1368,7 @@ impl PodLoop {
             // The Pod left the API: once its edge reports it terminated, its
             // spec document goes too (the edge then drops the status).
             if self.pods_listed {
-                self.forget_terminated(doc);
+                self.forget_terminated(&doc);
             }
             return;
         }
@@ -954,38 +1377,94 @@ impl PodLoop {
         if key.uid != uid || key.node != node || !self.managed(node) {
             return;
         }
-        let status = match self
-            .bridge
-            .engine
-            .with_replica(|r| r.get::<PodStatusDoc>(doc))
-        {
-            Ok(Some(status)) => status,
+        // The document, unless this version of it was written already.
+        let written = self.statuses.written.get(&doc).copied();
+        let read = self.bridge.engine.with_replica(|r| {
+            let Some(entry) = r.entry(&doc)? else {
+                return Ok(None);
+            };
+            let version = doc_version(&entry);
+            match written {
+                Some((v, terminated)) if v == version => Ok(Some((version, Err(terminated)))),
+                _ => Ok(r.get::<PodStatusDoc>(&doc)?.map(|s| (version, Ok(s)))),
+            }
+        });
+        let (version, status) = match read {
+            Ok(Some(read)) => read,
             Ok(None) => return,
-            Err(e) => {
+            Err::<_, outpost_sync::replica::ReplicaError>(e) => {
                 warn!(%doc, error = %e, "unreadable pod-status document");
                 return;
             }
         };
-        let api: Api<Pod> = Api::namespaced(self.bridge.client.clone(), ns);
-        let patch = project::pod_status_patch(ns, name, &status);
-        match api
-            .patch_status(name, &self.bridge.apply_params(), &Patch::Apply(&patch))
-            .await
-        {
-            Ok(_) => debug!(%doc, phase = %status.phase, "pod status written"),
-            Err(e) if admission::is_status(&e, 404) => return,
-            Err(e) => {
-                warn!(%doc, error = %e, "cannot write pod status; retrying");
-                retry(
-                    &self.retry_tx,
-                    PodRetry::Status(doc.clone()),
-                    self.bridge.config.retry_after,
-                );
+        let status = match status {
+            Ok(status) => status,
+            Err(terminated) => {
+                if terminated {
+                    self.finish_deletion(&pod).await;
+                }
                 return;
             }
+        };
+        let patch = project::pod_status_patch(ns, name, &status);
+        let api: Api<Pod> = Api::namespaced(self.bridge.client.clone(), ns);
+        let params = self.bridge.apply_params();
+        let name = name.to_owned();
+        self.statuses.inflight.insert(doc.clone());
+        self.statuses.running.spawn(async move {
+            let outcome = match api
+                .patch_status(&name, &params, &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => {
+                    debug!(%doc, phase = %status.phase, "pod status written");
+                    StatusOutcome::Written
+                }
+                Err(e) if admission::is_status(&e, 404) => StatusOutcome::Gone,
+                Err(e) => {
+                    warn!(%doc, error = %e, "cannot write pod status; retrying");
+                    StatusOutcome::Failed
+                }
+            };
+            StatusDone {
+                doc,
+                pod,
+                version,
+                terminated: status.terminated,
+                outcome,
+            }
+        });
+    }
+
+    /// A pod status write ended: remembers it, retries a failure, finishes
+    /// the pod's deletion if the edge reports it terminated.
+    async fn status_written(&mut self, done: StatusDone) {
+        let StatusDone {
+            doc,
+            pod,
+            version,
+            terminated,
+            outcome,
+        } = done;
+        self.statuses.inflight.remove(&doc);
+        match outcome {
+            StatusOutcome::Written => {
+                self.statuses
+                    .written
+                    .insert(doc.clone(), (version, terminated));
+                if terminated {
+                    self.finish_deletion(&pod).await;
+                }
+            }
+            StatusOutcome::Gone => {}
+            StatusOutcome::Failed => retry(
+                &self.retry_tx,
+                PodRetry::Status(doc.clone()),
+                self.bridge.config.retry_after,
+            ),
         }
-        if status.terminated {
-            self.finish_deletion(&pod).await;
+        if self.statuses.again.remove(&doc) {
+            self.statuses.push(doc);
         }
     }
 
@@ -1063,5 +1542,124 @@ impl PodLoop {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(label: &str, phase: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "web", "namespace": "ns", "uid": "u1",
+                "labels": {"app": label},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}",
+                    "team": "a"
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                                   "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                     "name": "web-1", "uid": "r1"}]
+            },
+            "spec": {"nodeName": "edge-1", "containers": [{"name": "c", "image": "img"}]},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn a_slimmed_pod_projects_as_the_full_one() {
+        let full = pod("web", "Running");
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        assert!(slim.metadata.managed_fields.is_none());
+        assert!(slim.status.is_none());
+        let annotations = slim.metadata.annotations.as_ref().expect("annotations");
+        assert_eq!(annotations.len(), 1, "{annotations:?}");
+        let (a, b) = (
+            project::pod_spec_doc(&full).expect("full"),
+            project::pod_spec_doc(&slim).expect("slim"),
+        );
+        assert_eq!(
+            serde_json::to_value(a).expect("json"),
+            serde_json::to_value(b).expect("json")
+        );
+    }
+
+    #[test]
+    fn a_status_change_needs_no_projection_a_label_does() {
+        let (a, b, c) = (
+            pod("web", "Pending"),
+            pod("web", "Running"),
+            pod("api", "Pending"),
+        );
+        assert_eq!(projection_digest(&a), projection_digest(&b));
+        assert_ne!(projection_digest(&a), projection_digest(&c));
+    }
+
+    #[test]
+    fn a_projected_pod_is_kept_with_its_node_only() {
+        let full = pod("web", "Running");
+        assert!(has_spec(&full));
+        let kept = without_spec(full.clone());
+        assert!(!has_spec(&kept));
+        let key = PodKey::of(&kept).expect("still bound");
+        assert_eq!((key.node.as_str(), key.uid.as_str()), ("edge-1", "u1"));
+        assert_eq!(kept.metadata, full.metadata);
+    }
+
+    #[test]
+    fn a_slimmed_node_keeps_its_ready_condition() {
+        let mut node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "edge-1", "uid": "n1", "labels": {"a": "b"},
+                         "managedFields": [{"manager": "x"}]},
+            "status": {
+                "conditions": [{"type": "MemoryPressure", "status": "False"},
+                               {"type": "Ready", "status": "Unknown"}],
+                "nodeInfo": {"machineID": "m", "systemUUID": "", "bootID": "b",
+                             "kernelVersion": "k", "osImage": "o",
+                             "containerRuntimeVersion": "c", "kubeletVersion": "v",
+                             "kubeProxyVersion": "", "operatingSystem": "linux",
+                             "architecture": "amd64"}
+            }
+        }))
+        .expect("node");
+        slim_node(&mut node);
+        assert_eq!(node.metadata.name.as_deref(), Some("edge-1"));
+        assert!(node.metadata.labels.is_none() && node.metadata.managed_fields.is_none());
+        let status = node.status.expect("status");
+        assert!(status.node_info.is_none());
+        let conditions = status.conditions.expect("conditions");
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+            ("Ready", "Unknown")
+        );
+    }
+
+    #[test]
+    fn a_slimmed_secret_and_configmap_project_as_the_full_ones() {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "s", "namespace": "ns", "labels": {"a": "b"},
+                         "managedFields": [{"manager": "x"}]},
+            "type": "Opaque", "data": {"k": "dg=="}
+        }))
+        .expect("secret");
+        let mut slim = secret.clone();
+        slim_secret(&mut slim);
+        assert!(slim.metadata.labels.is_none());
+        assert_eq!(project::secret_doc(&slim), project::secret_doc(&secret));
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "c", "namespace": "ns", "annotations": {"a": "b"}},
+            "data": {"k": "v"}, "binaryData": {"b": "dg=="}
+        }))
+        .expect("configmap");
+        let mut slim = cm.clone();
+        slim_configmap(&mut slim);
+        assert!(slim.metadata.annotations.is_none());
+        assert_eq!(project::configmap_doc(&slim), project::configmap_doc(&cm));
     }
 }

@@ -71,7 +71,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::admission;
-use crate::bridge::{Bridge, BridgeError, Edges, next_doc, reflect, retry};
+use crate::bridge::{Bridge, BridgeError, Edges, next_doc, reflect, retry, slim};
 use crate::crd::{self, Device, DeviceModel, DeviceStatus, TwinStatus};
 use coalesce::{Coalescer, TokenBucket};
 use convert::{DesiredAction, DeviceKey};
@@ -107,9 +107,13 @@ pub(crate) async fn run(bridge: Bridge) -> Result<(), BridgeError> {
     let (devices, device_events) = reflect(
         Api::<Device>::all(client.clone()),
         watcher::Config::default(),
+        slim,
     );
-    let (models, model_events) =
-        reflect(Api::<DeviceModel>::all(client), watcher::Config::default());
+    let (models, model_events) = reflect(
+        Api::<DeviceModel>::all(client),
+        watcher::Config::default(),
+        slim,
+    );
     let queue = Arc::new(StatusQueue::default());
     let rate = bridge.config.device_status_writes_per_s;
     let writer = StatusWriter {

@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, PEER_KEY_ANNOTATION, SYSTEM_NAMESPACE};
-use crate::bridge::{Bridge, BridgeError, Edges, Replicas, reflect};
+use crate::bridge::{Bridge, BridgeError, Edges, Replicas, reflect, slim};
 
 /// Label on the bridge's Leases: `replica` (membership) or `node`.
 pub const LEASE_KIND_LABEL: &str = "outpost.io/bridge-lease";
@@ -248,6 +248,7 @@ pub(crate) async fn run(bridge: Bridge, config: ShardConfig) -> Result<(), Bridg
     let (store, mut events) = reflect(
         api.clone(),
         watcher::Config::default().labels(&format!("{GROUP_LABEL}={}", config.group)),
+        slim,
     );
     let mut shard = ShardLoop {
         bridge,
