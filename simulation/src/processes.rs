@@ -183,6 +183,9 @@ pub struct ProcessFigures {
     pub starts: u32,
     /// Largest peak resident memory of its incarnations, KiB (VmHWM).
     pub peak_rss_kib: u64,
+    /// Size of its data dir at the end (replica, key; container logs left
+    /// out), bytes.
+    pub data_bytes: u64,
 }
 
 /// The report of a real-process run: the deterministic mode's report
@@ -1701,6 +1704,22 @@ fn api_address(kubeconfig: &Path) -> Result<std::net::SocketAddr, ProcessError> 
         })
 }
 
+/// Bytes of the files under `dir`, container logs (`pod-logs`) left out.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() != "pod-logs")
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// The last lines of a log, for an error message.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -1941,6 +1960,9 @@ impl Run {
         self.traffic = (messages, bytes);
         for p in self.cloud.iter_mut().chain(self.edges.iter_mut()) {
             p.sample_rss();
+            if let Some(dir) = p.args.iter().skip_while(|a| *a != "--data-dir").nth(1) {
+                p.figures.data_bytes = dir_bytes(Path::new(dir));
+            }
         }
         Ok(())
     }
@@ -2283,9 +2305,10 @@ impl ProcessReport {
             row(
                 node,
                 format!(
-                    "started {} times, peak RSS {:.1} MB",
+                    "started {} times, peak RSS {:.1} MB, data dir {:.1} MB",
                     p.starts,
-                    p.peak_rss_kib as f64 / 1024.0
+                    p.peak_rss_kib as f64 / 1024.0,
+                    p.data_bytes as f64 / 1e6
                 ),
             );
         }

@@ -110,6 +110,14 @@ async fn a_partitioned_crashed_and_lossy_fleet_converges_and_is_cleaned_up() {
     assert_eq!(r.heals.len(), 3, "{:?}", r.heals);
     assert!(r.heals.iter().all(|h| h.caught_up_after_ms.is_some()));
     assert_eq!(report.processes["edge-1"].starts, 2, "edge-1 was restarted");
+    // Storage stays small: a few objects per edge, however many writes.
+    for (node, p) in &report.processes {
+        assert!(
+            p.data_bytes > 0 && p.data_bytes < 64 << 20,
+            "{node}'s data dir holds {} bytes",
+            p.data_bytes
+        );
+    }
     assert!(r.messages > 0 && r.bytes > 0);
     assert!(report.edge_writes > 0, "the edges' apps wrote nothing");
     assert!(
