@@ -861,26 +861,25 @@ fn slim_pod(pod: &mut Pod) {
     pod.status = None;
 }
 
-/// A ConfigMap as the pod loop keeps it: its name and data.
-fn slim_configmap(cm: &mut ConfigMap) {
-    cm.metadata = ObjectMeta {
-        name: cm.metadata.name.take(),
-        namespace: cm.metadata.namespace.take(),
-        uid: cm.metadata.uid.take(),
-        resource_version: cm.metadata.resource_version.take(),
+/// Metadata cut down to what identifies the object and its version.
+fn identity_only(meta: &mut ObjectMeta) {
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
         ..ObjectMeta::default()
     };
 }
 
+/// A ConfigMap as the pod loop keeps it: its name and data.
+fn slim_configmap(cm: &mut ConfigMap) {
+    identity_only(&mut cm.metadata);
+}
+
 /// A Secret as the pod loop keeps it: its name, type and data.
 fn slim_secret(secret: &mut Secret) {
-    secret.metadata = ObjectMeta {
-        name: secret.metadata.name.take(),
-        namespace: secret.metadata.namespace.take(),
-        uid: secret.metadata.uid.take(),
-        resource_version: secret.metadata.resource_version.take(),
-        ..ObjectMeta::default()
-    };
+    identity_only(&mut secret.metadata);
     secret.string_data = None;
 }
 
@@ -894,12 +893,8 @@ fn slim_admission(secret: &mut Secret) {
 
 /// A Node as the node loop keeps it: its Ready condition.
 fn slim_node(node: &mut Node) {
-    node.metadata = ObjectMeta {
-        name: node.metadata.name.take(),
-        uid: node.metadata.uid.take(),
-        resource_version: node.metadata.resource_version.take(),
-        ..ObjectMeta::default()
-    };
+    // A Node has no namespace: identity_only keeps the same three fields.
+    identity_only(&mut node.metadata);
     node.spec = None;
     node.status = node.status.take().map(|status| NodeStatus {
         conditions: status

@@ -755,7 +755,6 @@ struct Run {
     api_relay: Option<tokio::task::JoinHandle<()>>,
     cloud_addr: String,
     t0: Instant,
-    devices: ApiResource,
     /// Acknowledged writes per (edge, kind), in order of value.
     acked: BTreeMap<(usize, &'static str), Vec<Write>>,
     /// Desired values published on an edge's event bus and not yet shown by it.
@@ -792,6 +791,15 @@ fn say(progress: bool, msg: &str) {
 impl Run {
     fn ms(&self) -> u64 {
         self.t0.elapsed().as_millis() as u64
+    }
+
+    /// The run's namespace's objects of a KubeEdge `devices.kubeedge.io/v1beta1` kind.
+    fn kubeedge_api(&self, kind: &str, plural: &str) -> Api<DynamicObject> {
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("devices.kubeedge.io", "v1beta1", kind),
+            plural,
+        );
+        Api::namespaced_with(self.client.clone(), &self.ns, &resource)
     }
 
     fn node_name(&self, edge: usize) -> String {
@@ -1090,10 +1098,6 @@ impl Run {
             .await
             .map_err(kerr(format!("create namespace {ns}")))?;
         // The bridge installs the device CRDs when it starts.
-        let models = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("devices.kubeedge.io", "v1beta1", "DeviceModel"),
-            "devicemodels",
-        );
         let model: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "devices.kubeedge.io/v1beta1",
             "kind": "DeviceModel",
@@ -1103,15 +1107,14 @@ impl Run {
             ]}
         }))
         .map_err(|e| ProcessError::Start(e.to_string()))?;
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &ns, &models);
+        let api = self.kubeedge_api("DeviceModel", "devicemodels");
         wait_for("the device CRDs", START_TIMEOUT, async || {
             api.create(&pp, &model).await.ok()
         })
         .await?;
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-        let devices: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &ns, &self.devices);
+        let devices = self.kubeedge_api("Device", "devices");
         for e in 0..self.scenario.fleet.edges {
             let node = self.node_name(e);
             let cm: ConfigMap = serde_json::from_value(json!({
@@ -1174,16 +1177,8 @@ impl Run {
         let ns = self.ns.clone();
         let nodes: Api<Node> = Api::all(self.client.clone());
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
-        let devices: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &ns, &self.devices);
-        let statuses: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            &ns,
-            &ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk("devices.kubeedge.io", "v1beta1", "DeviceStatus"),
-                "devicestatuses",
-            ),
-        );
+        let devices = self.kubeedge_api("Device", "devices");
+        let statuses = self.kubeedge_api("DeviceStatus", "devicestatuses");
         for e in 0..self.scenario.fleet.edges {
             let name = self.node_name(e);
             let sock = self.edge_sock(e);
@@ -1390,8 +1385,7 @@ impl Run {
         let sent_ms = self.ms();
         let pp = PatchParams::default();
         let result = if desired {
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(self.client.clone(), &self.ns, &self.devices);
+            let api = self.kubeedge_api("Device", "devices");
             let node = self.node_name(e);
             let patch = json!({"spec": device_json(&self.ns, e, &node, value)["spec"]});
             api.patch(&format!("dev-edge-{e}"), &pp, &Patch::Merge(&patch))
@@ -1832,7 +1826,7 @@ impl Run {
             ));
         }
         tokio::spawn(watch_api_devices(
-            Api::namespaced_with(self.client.clone(), &self.ns, &self.devices),
+            self.kubeedge_api("Device", "devices"),
             self.t0,
             tx.clone(),
         ));
@@ -1973,14 +1967,7 @@ impl Run {
     /// agrees on it: convergence checked that), the other must be visible
     /// as a lost conflict in the device's DeviceStatus.
     async fn check_conflicts(&mut self, windows: &[Window]) {
-        let statuses: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            &self.ns,
-            &ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk("devices.kubeedge.io", "v1beta1", "DeviceStatus"),
-                "devicestatuses",
-            ),
-        );
+        let statuses = self.kubeedge_api("DeviceStatus", "devicestatuses");
         for e in 0..self.scenario.fleet.edges {
             let ws: Vec<Write> = self
                 .acked
@@ -2376,10 +2363,6 @@ pub async fn run(
         api_relay: None,
         cloud_addr: String::new(),
         t0: Instant::now(),
-        devices: ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("devices.kubeedge.io", "v1beta1", "Device"),
-            "devices",
-        ),
         acked: BTreeMap::new(),
         shown: BTreeMap::new(),
         resolved: BTreeMap::new(),
