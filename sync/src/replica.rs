@@ -146,6 +146,38 @@ struct Loaded {
     /// head: a peer holding its dependencies lacks exactly it, and serving
     /// it from here spares automerge rebuilding it from the op columns.
     last_local: Option<LastLocal>,
+    /// Received changes that are persisted (in the store and in `entry`)
+    /// but not yet applied to `doc`: a linear successor of a rolling
+    /// document is only appended on receipt, and applied when the document
+    /// is next used. Bounded by the store's compaction threshold.
+    pending: Vec<Change>,
+    /// For a flat document: its root values as this replica last wrote
+    /// them, while they are all it holds (`None` once anything else changed
+    /// it). Comparing a new report with these spares asking automerge for
+    /// every value.
+    flat: Option<Vec<FlatValue>>,
+}
+
+/// A root value of a flat document.
+type FlatValue = (String, automerge::ScalarValue);
+
+/// What continuing a straight line of changes needs to know of its last one.
+struct ChainLink {
+    hash: [u8; 32],
+    actor: automerge::ActorId,
+    seq: u64,
+    max_op: u64,
+}
+
+impl ChainLink {
+    fn of(change: &Change) -> Self {
+        Self {
+            hash: change.hash().0,
+            actor: change.actor_id().clone(),
+            seq: change.seq(),
+            max_op: change.max_op(),
+        }
+    }
 }
 
 struct LastLocal {
@@ -416,6 +448,21 @@ impl Replica {
     }
 
     fn load(&mut self, doc: &DocId) -> Result<Option<&mut Loaded>, ReplicaError> {
+        if let Some(loaded) = self.cache.peek_mut(doc)
+            && !loaded.pending.is_empty()
+        {
+            let pending = std::mem::take(&mut loaded.pending);
+            loaded.flat = None;
+            if let Err(e) = loaded.doc.apply_changes_batch(pending) {
+                // The store holds the same changes; whoever asks next reads
+                // the document from there.
+                self.cache.pop(doc);
+                return Err(ReplicaError::Automerge {
+                    doc: doc.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
         if !self.cache.contains(doc) {
             let Some((mut am, entry)) = self.store.load(doc)? else {
                 return Ok(None);
@@ -427,6 +474,8 @@ impl Replica {
                     doc: am,
                     entry,
                     last_local: None,
+                    pending: Vec::new(),
+                    flat: None,
                 },
             );
         }
@@ -646,7 +695,7 @@ impl Replica {
         mut am: AutoCommit,
     ) -> IndexEntry {
         entry.heads = sorted_heads(&am.get_heads());
-        let saved = am.save();
+        let saved = am.save_nocompress();
         self.store
             .stage_replace(batch, doc, &mut entry, stored_chunks, &saved);
         self.cache.put(
@@ -655,6 +704,8 @@ impl Replica {
                 doc: am,
                 entry: entry.clone(),
                 last_local: None,
+                pending: Vec::new(),
+                flat: None,
             },
         );
         entry
@@ -683,11 +734,17 @@ impl Replica {
         };
         // Rolling documents are stored flat; the others as automerge maps.
         let root = (!doc.kind().rolls_over()).then(|| hydrate::Value::Map(json_map(map)));
-        let set = |am: &mut AutoCommit| -> Result<(), String> {
+        // Returns the root values of a flat document after the write.
+        let set = |am: &mut AutoCommit,
+                   mirror: Option<&[FlatValue]>|
+         -> Result<Option<Vec<FlatValue>>, String> {
             match &root {
-                None => write_flat(am, map).map_err(|e| e.to_string()),
+                None => write_flat(am, map, mirror)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
                 Some(root) => am
                     .update_object(automerge::ROOT, root)
+                    .map(|()| None)
                     .map_err(|e| e.to_string()),
             }
         };
@@ -701,6 +758,9 @@ impl Replica {
                     doc: am,
                     entry: IndexEntry::default(),
                     last_local: None,
+                    pending: Vec::new(),
+                    // An empty document: no values.
+                    flat: Some(Vec::new()),
                 },
             );
         }
@@ -711,7 +771,8 @@ impl Replica {
             doc: doc.clone(),
             reason: e.to_string(),
         };
-        set(&mut loaded.doc).map_err(|e| am_err(&e))?;
+        let mirror = loaded.flat.take();
+        loaded.flat = set(&mut loaded.doc, mirror.as_deref()).map_err(|e| am_err(&e))?;
         let Some(hash) = loaded
             .doc
             .commit_with(CommitOptions::default().with_time(now_ms as i64))
@@ -729,7 +790,7 @@ impl Replica {
         if doc.kind().rolls_over() && entry.changes > rollover_after {
             // A new generation holding only the current values.
             let mut fresh = self.new_doc();
-            set(&mut fresh).map_err(|e| am_err(&e))?;
+            set(&mut fresh, Some(&[])).map_err(|e| am_err(&e))?;
             let Some(hash) = fresh.commit_with(CommitOptions::default().with_time(now_ms as i64))
             else {
                 return Ok(None);
@@ -752,7 +813,9 @@ impl Replica {
         });
         let doc_ref = &mut loaded.doc;
         self.store
-            .stage_append(batch, doc, &mut entry, &[bytes], || doc_ref.save());
+            .stage_append(batch, doc, &mut entry, &[bytes], || {
+                doc_ref.save_nocompress()
+            });
         loaded.entry = entry;
         Ok(Some(hash))
     }
@@ -904,9 +967,15 @@ impl Replica {
         } = item;
         let doc = &doc;
         let batch_heads = batch_heads(&decoded);
-        let current = self
-            .load(doc)?
-            .map(|l| (l.entry.generation, l.entry.chunks));
+        if let Some(applied) = self.stage_successors(batch, doc, generation, &decoded)? {
+            return Ok(Applied {
+                batch_heads,
+                ..applied
+            });
+        }
+        // The index decides between generations: a newer one replaces the
+        // document without loading (or applying changes to) the old one.
+        let current = self.entry(doc)?.map(|e| (e.generation, e.chunks));
         let am_err = |e: automerge::AutomergeError| ReplicaError::Automerge {
             doc: doc.clone(),
             reason: e.to_string(),
@@ -945,6 +1014,9 @@ impl Replica {
                 });
             }
         }
+        if self.load(doc)?.is_none() {
+            return Ok(Applied::default());
+        }
         let Some(loaded) = self.cache.get_mut(doc) else {
             return Ok(Applied::default());
         };
@@ -969,6 +1041,7 @@ impl Replica {
         let times: Vec<i64> = fresh.iter().map(Change::timestamp).collect();
         let n = fresh.len();
         loaded.last_local = None;
+        loaded.flat = None;
         loaded.doc.apply_changes_batch(fresh).map_err(am_err)?;
         let mut entry = loaded.entry.clone();
         entry.heads = sorted_heads(&loaded.doc.get_heads());
@@ -976,7 +1049,7 @@ impl Replica {
         let missing_deps = !loaded.doc.get_missing_deps(&[]).is_empty();
         let doc_ref = &mut loaded.doc;
         self.store
-            .stage_append(batch, doc, &mut entry, &bytes, || doc_ref.save());
+            .stage_append(batch, doc, &mut entry, &bytes, || doc_ref.save_nocompress());
         loaded.entry = entry.clone();
         Ok(Applied {
             new_changes: n,
@@ -986,6 +1059,84 @@ impl Replica {
             commit_times_ms: times,
             batch_heads,
         })
+    }
+
+    /// The receiving fast path: when `changes` extend
+    /// the document's only head in a straight line (same writer, next
+    /// sequence numbers and op counters, each depending on the one before),
+    /// they are appended to the store as they are and applied to the loaded
+    /// document only when it is next used. Nothing is loaded: a replica
+    /// receiving reports of many devices does not read each one from the
+    /// store, and a live change is persisted without waiting for automerge.
+    /// Returns `None` where that is not certain, and the caller
+    /// applies the changes as usual (which checks them in full).
+    fn stage_successors(
+        &mut self,
+        batch: &mut Batch,
+        doc: &DocId,
+        generation: u64,
+        changes: &[Change],
+    ) -> Result<Option<Applied>, ReplicaError> {
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let cached = self.cache.peek(doc);
+        let (mut entry, head) = match cached {
+            Some(loaded) => (
+                loaded.entry.clone(),
+                loaded.pending.last().map(ChainLink::of),
+            ),
+            None => match self.store.index(doc)? {
+                Some(entry) => (entry, None),
+                None => return Ok(None),
+            },
+        };
+        if entry.generation != generation
+            || entry.heads.len() != 1
+            || self.store.would_compact(&entry, changes.len())
+        {
+            return Ok(None);
+        }
+        let mut head = match head {
+            Some(head) => head,
+            None => match self.store.last_chunk(doc, &entry)? {
+                Some(last) => ChainLink::of(&last),
+                None => return Ok(None),
+            },
+        };
+        if entry.heads.first() != Some(&head.hash) {
+            return Ok(None);
+        }
+        for change in changes {
+            let next = ChainLink::of(change);
+            let extends = change.author().is_none()
+                && change.actor_id() == &head.actor
+                && change.seq() == head.seq + 1
+                && change.start_op().get() == head.max_op + 1
+                && change.deps() == [ChangeHash(head.hash)];
+            if !extends {
+                return Ok(None);
+            }
+            head = next;
+        }
+        let bytes: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        entry.heads = vec![head.hash];
+        entry.changes += changes.len() as u64;
+        self.store.stage_chunks(batch, doc, &mut entry, &bytes);
+        if let Some(loaded) = self.cache.peek_mut(doc) {
+            loaded.pending.extend(changes.iter().cloned());
+            loaded.last_local = None;
+            loaded.flat = None;
+            loaded.entry = entry.clone();
+        }
+        Ok(Some(Applied {
+            new_changes: changes.len(),
+            entry,
+            missing_deps: false,
+            stale: false,
+            commit_times_ms: changes.iter().map(Change::timestamp).collect(),
+            batch_heads: Vec::new(),
+        }))
     }
 
     /// Whether the replica holds a change of a document (in its current generation).
@@ -1008,8 +1159,10 @@ impl Replica {
 fn write_flat(
     am: &mut AutoCommit,
     map: &serde_json::Map<String, serde_json::Value>,
-) -> Result<(), automerge::AutomergeError> {
+    mirror: Option<&[FlatValue]>,
+) -> Result<Vec<FlatValue>, automerge::AutomergeError> {
     use automerge::ScalarValue;
+    let mut values = Vec::with_capacity(map.len());
     for (key, value) in map {
         let new = match value {
             serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
@@ -1021,22 +1174,33 @@ fn write_flat(
                 _ => ScalarValue::Null,
             },
         };
-        let same = matches!(
-            am.get(automerge::ROOT, key.as_str())?,
-            Some((automerge::Value::Scalar(cur), _)) if *cur == new
-        );
+        let same = match mirror {
+            Some(mirror) => mirror.iter().any(|(k, v)| k == key && *v == new),
+            None => matches!(
+                am.get(automerge::ROOT, key.as_str())?,
+                Some((automerge::Value::Scalar(cur), _)) if *cur == new
+            ),
+        };
         if !same {
-            am.put(automerge::ROOT, key.as_str(), new)?;
+            am.put(automerge::ROOT, key.as_str(), new.clone())?;
         }
+        values.push((key.clone(), new));
     }
-    let stale: Vec<String> = am
-        .keys(automerge::ROOT)
-        .filter(|k| !map.contains_key(k))
-        .collect();
+    let stale: Vec<String> = match mirror {
+        Some(mirror) => mirror
+            .iter()
+            .filter(|(k, _)| !map.contains_key(k))
+            .map(|(k, _)| k.clone())
+            .collect(),
+        None => am
+            .keys(automerge::ROOT)
+            .filter(|k| !map.contains_key(k))
+            .collect(),
+    };
     for key in stale {
         am.delete(automerge::ROOT, key.as_str())?;
     }
-    Ok(())
+    Ok(values)
 }
 
 /// Reads a document written by [`write_flat`] back as JSON.

@@ -434,19 +434,62 @@ impl Store {
         changes: &[Vec<u8>],
         snapshot: impl FnOnce() -> Vec<u8>,
     ) {
+        if self.would_compact(entry, changes.len()) {
+            let stored = entry.chunks;
+            entry.chunks = stored.saturating_add(changes.len() as u32);
+            self.put_snapshot(&mut batch.0, doc, entry, stored, &snapshot());
+            self.put_index(&mut batch.0, doc, entry);
+            batch.1 += 1;
+        } else {
+            self.stage_chunks(batch, doc, entry, changes);
+        }
+    }
+
+    /// Whether appending `n` changes to a document with `entry` folds its
+    /// chunks into a snapshot (which needs the whole document).
+    pub fn would_compact(&self, entry: &IndexEntry, n: usize) -> bool {
+        entry.chunks.saturating_add(n as u32) > self.options.compact_after_chunks
+    }
+
+    /// Stages changes as chunks after the ones stored, and the new index
+    /// entry, without compacting: for callers that checked
+    /// [`Store::would_compact`] and do not hold the document.
+    pub fn stage_chunks(
+        &self,
+        batch: &mut Batch,
+        doc: &DocId,
+        entry: &mut IndexEntry,
+        changes: &[Vec<u8>],
+    ) {
         let stored = entry.chunks;
         entry.chunks = stored.saturating_add(changes.len() as u32);
-        if entry.chunks > self.options.compact_after_chunks {
-            self.put_snapshot(&mut batch.0, doc, entry, stored, &snapshot());
-        } else {
-            for (seq, bytes) in (stored..).zip(changes) {
-                batch
-                    .0
-                    .put_cf(self.cf(CF_CHUNKS), chunk_key(doc, seq), bytes);
-            }
+        for (seq, bytes) in (stored..).zip(changes) {
+            batch
+                .0
+                .put_cf(self.cf(CF_CHUNKS), chunk_key(doc, seq), bytes);
         }
         self.put_index(&mut batch.0, doc, entry);
         batch.1 += 1;
+    }
+
+    /// The change stored last for a document (chunk `entry.chunks - 1`),
+    /// decoded; `None` when only a snapshot is stored.
+    pub fn last_chunk(
+        &self,
+        doc: &DocId,
+        entry: &IndexEntry,
+    ) -> Result<Option<Change>, StoreError> {
+        let Some(seq) = entry.chunks.checked_sub(1) else {
+            return Ok(None);
+        };
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNKS), chunk_key(doc, seq))
+            .map_err(|e| self.db_err(e))?
+            .ok_or_else(|| self.corrupt(doc, "change chunk", "missing"))?;
+        Change::try_from(&value[..])
+            .map(Some)
+            .map_err(|e| self.corrupt(doc, "change chunk", e))
     }
 
     /// Replaces a document wholesale with a saved document: compaction, a

@@ -256,3 +256,143 @@ fn a_deletion_is_persisted_and_a_stale_change_does_not_revive_it() {
     other.apply(&doc, g, &ch).unwrap();
     assert_eq!(other.read_json(&doc).unwrap(), None);
 }
+
+/// A report that extends the receiver's only head in a straight line is
+/// appended without loading the document (cached or not) and applied when
+/// the document is next read; anything else is checked in full.
+#[test]
+fn straight_line_reports_are_appended_and_read_back_exactly() {
+    let (da, db) = (dir("line-a"), dir("line-b"));
+    let mut a = Replica::open(&da, PeerId([1; 32]), ReplicaOptions::default()).unwrap();
+    // A one-document cache: the receiver's documents keep leaving it.
+    let small = ReplicaOptions {
+        cache_docs: std::num::NonZeroUsize::new(1).unwrap(),
+        ..Default::default()
+    };
+    let mut b = Replica::open(&db, PeerId([2; 32]), small.clone()).unwrap();
+    let docs: Vec<DocId> = (0..3)
+        .map(|i| {
+            DocId::new(
+                DocKind::DeviceReported,
+                Owner::Node("edge-1"),
+                &["default", &format!("dev-{i}")],
+            )
+            .unwrap()
+        })
+        .collect();
+    let sync = |a: &mut Replica, b: &mut Replica, doc: &DocId| {
+        let eb = b.entry(doc).unwrap().unwrap_or_default();
+        let (g, ch) = a.changes_for(doc, eb.generation, &eb.heads, &[]).unwrap();
+        let applied = b.apply(doc, g, &ch).unwrap();
+        assert!(!applied.missing_deps);
+        let ea = a.entry(doc).unwrap().unwrap();
+        assert_eq!(
+            (applied.entry.generation, &applied.entry.heads),
+            (ea.generation, &ea.heads)
+        );
+    };
+    for round in 0..40u64 {
+        for (i, doc) in docs.iter().enumerate() {
+            let value = json!({"state": "online", "twins": {"t": {"value": (round * 7 + i as u64).to_string()}}});
+            a.write_json(doc, &value, 1000 + round).unwrap();
+            sync(&mut a, &mut b, doc);
+            if round % 9 == 4 {
+                // Read between reports: the appended changes are applied.
+                assert_eq!(b.read_json(doc).unwrap(), a.read_json(doc).unwrap());
+            }
+        }
+        if round == 20 {
+            // Two reports in one batch.
+            for round in [1000u64, 1001] {
+                a.write_json(&docs[0], &json!({"state": "offline", "n": round}), round)
+                    .unwrap();
+            }
+            sync(&mut a, &mut b, &docs[0]);
+        }
+    }
+    // A change the receiver has already is harmless.
+    let eb = b.entry(&docs[1]).unwrap().unwrap();
+    let (g, all) = a.changes_for(&docs[1], eb.generation, &[], &[]).unwrap();
+    assert_eq!(b.apply(&docs[1], g, &all).unwrap().new_changes, 0);
+    for doc in &docs {
+        assert_eq!(b.read_json(doc).unwrap(), a.read_json(doc).unwrap());
+    }
+    // What was appended is what a restart finds.
+    drop(b);
+    let mut b = Replica::open(&db, PeerId([2; 32]), small).unwrap();
+    for doc in &docs {
+        assert_eq!(b.read_json(doc).unwrap(), a.read_json(doc).unwrap());
+        assert_eq!(
+            b.entry(doc).unwrap().unwrap().heads,
+            a.entry(doc).unwrap().unwrap().heads
+        );
+    }
+    // Receiving does not load the document; reading it does.
+    drop(b);
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    a.write_json(&docs[2], &json!({"state": "online", "n": 1}), 9000)
+        .unwrap();
+    sync(&mut a, &mut b, &docs[2]);
+    assert_eq!(b.cached_docs(), 0, "appended without loading");
+    assert_eq!(
+        b.read_json(&docs[2]).unwrap(),
+        a.read_json(&docs[2]).unwrap()
+    );
+    assert_eq!(b.cached_docs(), 1);
+    let _ = std::fs::remove_dir_all(&da);
+    let _ = std::fs::remove_dir_all(&db);
+}
+
+/// A second writer's report with the same sequence number as one the
+/// receiver holds (an edge that lost its data and came back with the same
+/// actor) does not extend the line: automerge refuses it, and what the
+/// receiver stored stays readable.
+#[test]
+fn a_report_that_reuses_a_sequence_number_is_refused_and_the_store_stays_readable() {
+    let (da, dc, db) = (dir("seq-a"), dir("seq-c"), dir("seq-b"));
+    let me = PeerId([1; 32]);
+    let doc = DocId::new(
+        DocKind::DeviceReported,
+        Owner::Node("edge-1"),
+        &["default", "dup"],
+    )
+    .unwrap();
+    let mut a = Replica::open(&da, me, ReplicaOptions::default()).unwrap();
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    a.write_json(&doc, &json!({"v": "1"}), 1000).unwrap();
+    let (g, first) = a.changes_for(&doc, 0, &[], &[]).unwrap();
+    b.apply(&doc, g, &first).unwrap();
+    // A fork of `a` (same actor) after the first change.
+    drop(a);
+    copy_dir(&da, &dc);
+    let mut a = Replica::open(&da, me, ReplicaOptions::default()).unwrap();
+    let mut c = Replica::open(&dc, me, ReplicaOptions::default()).unwrap();
+    a.write_json(&doc, &json!({"v": "2"}), 1001).unwrap();
+    c.write_json(&doc, &json!({"v": "other"}), 1001).unwrap();
+    let head = b.entry(&doc).unwrap().unwrap().heads;
+    let (g, second) = a.changes_for(&doc, 0, &head, &[]).unwrap();
+    b.apply(&doc, g, &second).unwrap();
+    let (g, forged) = c.changes_for(&doc, 0, &head, &[]).unwrap();
+    let before = b.entry(&doc).unwrap();
+    let _ = b.apply(&doc, g, &forged);
+    assert_eq!(b.read_json(&doc).unwrap(), Some(json!({"v": "2"})));
+    drop(b);
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    assert_eq!(b.entry(&doc).unwrap(), before);
+    assert_eq!(b.read_json(&doc).unwrap(), Some(json!({"v": "2"})));
+    for d in [da, dc, db] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
