@@ -938,9 +938,19 @@ impl Replica {
         let mut batch = Batch::default();
         let mut touched: Vec<DocId> = Vec::new();
         let mut results = Vec::with_capacity(items.len());
+        // A document named twice in one batch is applied through the cache
+        // each time: an append staged without loading it is not in the
+        // store yet when the second item reads the store.
+        let mut seen = std::collections::HashSet::new();
+        let repeated: std::collections::HashSet<DocId> = items
+            .iter()
+            .filter(|i| !seen.insert(&i.doc))
+            .map(|i| i.doc.clone())
+            .collect();
         for item in items {
             let doc = item.doc.clone();
-            let result = self.stage_apply(&mut batch, item);
+            let straight_line = !repeated.contains(&doc);
+            let result = self.stage_apply(&mut batch, item, straight_line);
             match &result {
                 Ok(applied) if applied.new_changes > 0 => touched.push(doc),
                 Ok(_) => {}
@@ -959,7 +969,14 @@ impl Replica {
         Ok(results)
     }
 
-    fn stage_apply(&mut self, batch: &mut Batch, item: Incoming) -> Result<Applied, ReplicaError> {
+    /// Stages one document's changes; `straight_line` allows
+    /// [`Replica::stage_successors`].
+    fn stage_apply(
+        &mut self,
+        batch: &mut Batch,
+        item: Incoming,
+        straight_line: bool,
+    ) -> Result<Applied, ReplicaError> {
         let Incoming {
             doc,
             generation,
@@ -967,7 +984,9 @@ impl Replica {
         } = item;
         let doc = &doc;
         let batch_heads = batch_heads(&decoded);
-        if let Some(applied) = self.stage_successors(batch, doc, generation, &decoded)? {
+        if straight_line
+            && let Some(applied) = self.stage_successors(batch, doc, generation, &decoded)?
+        {
             return Ok(Applied {
                 batch_heads,
                 ..applied

@@ -396,3 +396,55 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// One batch naming a document twice (two messages' worth of its changes)
+/// keeps both: the second item sees what the first staged.
+#[test]
+fn a_batch_naming_a_document_twice_keeps_both_parts() {
+    use outpost_sync::replica::{Incoming, decode_changes};
+    let (da, db) = (dir("twice-a"), dir("twice-b"));
+    let mut a = Replica::open(&da, PeerId([1; 32]), ReplicaOptions::default()).unwrap();
+    let doc = DocId::new(
+        DocKind::DeviceReported,
+        Owner::Node("edge-1"),
+        &["default", "twice"],
+    )
+    .unwrap();
+    a.write_json(&doc, &json!({"v": "0"}), 1000).unwrap();
+    {
+        let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+        let (g, ch) = a.changes_for(&doc, 0, &[], &[]).unwrap();
+        b.apply(&doc, g, &ch).unwrap();
+    }
+    let base = a.entry(&doc).unwrap().unwrap().heads;
+    a.write_json(&doc, &json!({"v": "1"}), 1001).unwrap();
+    let middle = a.entry(&doc).unwrap().unwrap().heads;
+    a.write_json(&doc, &json!({"v": "2"}), 1002).unwrap();
+    let (g, first) = a.changes_for(&doc, 0, &base, &[]).unwrap();
+    let (_, second) = a.changes_for(&doc, 0, &middle, &[]).unwrap();
+    assert_eq!((first.len(), second.len()), (2, 1));
+    let first = first[..1].to_vec();
+    // Reopened: the document is not loaded when the batch arrives.
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    let items = [first, second]
+        .into_iter()
+        .map(|changes| Incoming {
+            doc: doc.clone(),
+            generation: g,
+            changes: decode_changes(&doc, changes).unwrap(),
+        })
+        .collect();
+    for result in b.apply_batch(items).unwrap() {
+        result.unwrap();
+    }
+    assert_eq!(b.read_json(&doc).unwrap(), Some(json!({"v": "2"})));
+    drop(b);
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    assert_eq!(b.read_json(&doc).unwrap(), Some(json!({"v": "2"})));
+    assert_eq!(
+        b.entry(&doc).unwrap().unwrap().heads,
+        a.entry(&doc).unwrap().unwrap().heads
+    );
+    let _ = std::fs::remove_dir_all(&da);
+    let _ = std::fs::remove_dir_all(&db);
+}
