@@ -56,7 +56,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -107,7 +107,7 @@ pub(crate) async fn run(bridge: Bridge) -> Result<(), BridgeError> {
     let (devices, device_events) = reflect(
         Api::<Device>::all(client.clone()),
         watcher::Config::default(),
-        slim,
+        slim_device,
     );
     let (models, model_events) = reflect(
         Api::<DeviceModel>::all(client),
@@ -665,7 +665,8 @@ impl DeviceLoop {
             match convert::decide(value, last, own, resolved.get(&p.name), &me) {
                 DesiredAction::None => {}
                 DesiredAction::CloudWrite(v) => {
-                    if let Err(e) = engine.set_desired(doc, &p.name, &v) {
+                    let written_ms = spec_written_ms(device, &self.bridge.config.field_manager);
+                    if let Err(e) = engine.set_desired_at(doc, &p.name, &v, written_ms) {
                         warn!(%doc, property = %p.name, error = %e, "cannot set desired value; retrying");
                         failed = true;
                         continue;
@@ -1044,5 +1045,80 @@ impl StatusWriter {
         debug!(device = %key, twins = status.twins.len(), "device status written");
         self.written.insert(key.clone(), (uid, status));
         Ok(())
+    }
+}
+
+/// A Device as the device loop keeps it: [`slim`], except that of its
+/// `managedFields` it keeps each spec writer's name and time (not the
+/// fields), for [`spec_written_ms`].
+fn slim_device(device: &mut Device) {
+    let writers: Option<Vec<ManagedFieldsEntry>> =
+        device.metadata.managed_fields.take().map(|entries| {
+            entries
+                .into_iter()
+                .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+                .map(|m| ManagedFieldsEntry {
+                    manager: m.manager,
+                    time: m.time,
+                    ..Default::default()
+                })
+                .collect()
+        });
+    slim(device);
+    device.metadata.managed_fields = writers;
+}
+
+/// When a Device's spec was last written by anyone but the bridge (its
+/// `managedFields`, which the API server keeps to the second): the latest
+/// moment of that second, in ms. A desired value taken from the spec is
+/// stamped then rather than when the bridge records it.
+fn spec_written_ms(device: &Device, bridge_manager: &str) -> Option<u64> {
+    device
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() != Some(bridge_manager))
+        .filter(|m| m.subresource.as_deref().unwrap_or_default().is_empty())
+        .filter_map(|m| m.time.as_ref())
+        .filter_map(|t| u64::try_from(t.0.as_millisecond()).ok())
+        .max()
+        .map(|ms| ms - ms % 1000 + 999)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(managed: Value) -> Device {
+        serde_json::from_value(json!({
+            "apiVersion": "devices.kubeedge.io/v1beta1",
+            "kind": "Device",
+            "metadata": {"name": "fan", "namespace": "default", "managedFields": managed},
+            "spec": {"deviceModelRef": {"name": "fan-model"}, "nodeName": "edge-1"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_spec_write_time_is_the_latest_writer_but_the_bridge_and_survives_slimming() {
+        let mut d = device(json!([
+            {"manager": "kubectl-edit", "operation": "Update", "time": "2026-11-26T04:00:05Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:properties": {}}}},
+            {"manager": "outpost-cloud", "operation": "Apply", "time": "2026-11-26T04:00:09Z",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}},
+            {"manager": "outpost-cloud", "operation": "Apply", "time": "2026-11-26T04:00:20Z",
+             "subresource": "status", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}},
+            {"manager": "kubectl-client-side-apply", "operation": "Update", "time": "2026-11-26T04:00:01Z"},
+        ]));
+        let at = "2026-11-26T04:00:05Z".parse::<Timestamp>().unwrap();
+        let expected = u64::try_from(at.as_millisecond()).unwrap() + 999;
+        assert_eq!(spec_written_ms(&d, "outpost-cloud"), Some(expected));
+        slim_device(&mut d);
+        let kept = d.metadata.managed_fields.as_ref().unwrap();
+        assert_eq!(kept.len(), 3, "the status writer is dropped");
+        assert!(kept.iter().all(|m| m.fields_v1.is_none()));
+        assert_eq!(spec_written_ms(&d, "outpost-cloud"), Some(expected));
+        assert_eq!(spec_written_ms(&device(json!([])), "outpost-cloud"), None);
     }
 }

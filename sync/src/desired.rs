@@ -109,6 +109,25 @@ pub fn set_desired(
     value: &str,
     now_ms: u64,
 ) -> Result<Hlc, DesiredError> {
+    set_desired_at(replica, doc, property, value, now_ms, None)
+}
+
+/// [`set_desired`] for a value written elsewhere before it is recorded
+/// here: `written_ms` is when its source took it (the API server's record
+/// of the change), if that is before `now_ms`. The write is stamped then,
+/// not when recorded, so that a writer that records late (a bridge that was
+/// down or busy) does not make an older write beat a newer one; it counts
+/// as having seen only what the document held from before that time, so a
+/// newer write of another writer keeps winning and this one stays visible
+/// as the loser.
+pub fn set_desired_at(
+    replica: &mut Replica,
+    doc: &DocId,
+    property: &str,
+    value: &str,
+    now_ms: u64,
+    written_ms: Option<u64>,
+) -> Result<Hlc, DesiredError> {
     if doc.kind() != DocKind::DeviceDesired {
         return Err(DesiredError::WrongKind(doc.clone()));
     }
@@ -132,8 +151,36 @@ pub fn set_desired(
         .map(|w| w.at)
         .max()
         .unwrap_or_default();
-    replica.observe(seen.max(own));
-    let at = replica.tick(now_ms)?;
+    let (at, seen) = match written_ms.filter(|w| *w < now_ms) {
+        None => {
+            replica.observe(seen.max(own));
+            (replica.tick(now_ms)?, seen)
+        }
+        Some(written) => {
+            let stamp = Hlc {
+                wall_ms: written,
+                counter: 0,
+            };
+            // After this writer's own previous value, whatever the record says.
+            let at = if stamp > own {
+                stamp
+            } else {
+                Hlc {
+                    wall_ms: own.wall_ms,
+                    counter: own.counter.saturating_add(1),
+                }
+            };
+            let before = all
+                .get(property)
+                .into_iter()
+                .flatten()
+                .filter(|w| w.writer != me && w.at < at)
+                .map(|w| w.at)
+                .max()
+                .unwrap_or_default();
+            (at, before)
+        }
+    };
     let slot = json!({
         "value": value,
         "wall_ms": at.wall_ms,
@@ -228,6 +275,42 @@ mod tests {
         let c = resolve(&edge.read_json(&doc).unwrap().unwrap());
         assert_eq!(c["temp"].winner.value, "21");
         assert!(c["temp"].losers.is_empty(), "{c:?}");
+        let _ = std::fs::remove_dir_all(d1);
+        let _ = std::fs::remove_dir_all(d2);
+    }
+
+    #[test]
+    fn a_write_recorded_late_is_stamped_when_it_was_made() {
+        let (mut cloud, d1) = open("late-cloud", 1);
+        let (mut edge, d2) = open("late-edge", 2);
+        let doc: DocId = "device-desired/edge-1/default/fan".parse().unwrap();
+        set_desired(&mut cloud, &doc, "speed", "1", 1_000).unwrap();
+        sync(&mut cloud, &mut edge, &doc);
+        // The edge sets 4 at 5 s; the cloud learns it at 6 s.
+        set_desired(&mut edge, &doc, "speed", "4", 5_000).unwrap();
+        sync(&mut edge, &mut cloud, &doc);
+        // A value written at 3 s (before the edge's), recorded at 9 s.
+        let at = set_desired_at(&mut cloud, &doc, "speed", "2", 9_000, Some(3_000)).unwrap();
+        assert_eq!(at.wall_ms, 3_000);
+        sync(&mut cloud, &mut edge, &doc);
+        let r = resolve(&edge.read_json(&doc).unwrap().unwrap());
+        assert_eq!(r["speed"].winner.value, "4", "the newer write wins: {r:?}");
+        assert_eq!(
+            r["speed"].losers.len(),
+            1,
+            "the older one is visible: {r:?}"
+        );
+        assert_eq!(r["speed"].losers[0].value, "2");
+        // Written after the edge's value: it wins, and the edge's value
+        // (older, seen) is no conflict.
+        set_desired_at(&mut cloud, &doc, "speed", "3", 9_500, Some(7_000)).unwrap();
+        sync(&mut cloud, &mut edge, &doc);
+        let r = resolve(&edge.read_json(&doc).unwrap().unwrap());
+        assert_eq!(r["speed"].winner.value, "3");
+        assert!(r["speed"].losers.is_empty(), "{r:?}");
+        // A record time not before now is no reason to stamp earlier.
+        let at = set_desired_at(&mut cloud, &doc, "speed", "5", 10_000, Some(20_000)).unwrap();
+        assert!(at.wall_ms >= 10_000);
         let _ = std::fs::remove_dir_all(d1);
         let _ = std::fs::remove_dir_all(d2);
     }

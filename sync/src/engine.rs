@@ -204,9 +204,21 @@ impl Engine {
         property: &str,
         value: &str,
     ) -> Result<crate::hlc::Hlc, crate::desired::DesiredError> {
+        self.set_desired_at(doc, property, value, None)
+    }
+
+    /// [`Engine::set_desired`] for a value its source took at `written_ms`
+    /// (see [`crate::desired::set_desired_at`]).
+    pub fn set_desired_at(
+        &self,
+        doc: &DocId,
+        property: &str,
+        value: &str,
+        written_ms: Option<u64>,
+    ) -> Result<crate::hlc::Hlc, crate::desired::DesiredError> {
         self.write_local(doc, |r, now| {
             Ok((
-                crate::desired::set_desired(r, doc, property, value, now)?,
+                crate::desired::set_desired_at(r, doc, property, value, now, written_ms)?,
                 true,
             ))
         })
