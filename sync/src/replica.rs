@@ -147,9 +147,10 @@ struct Loaded {
     /// it from here spares automerge rebuilding it from the op columns.
     last_local: Option<LastLocal>,
     /// Received changes that are persisted (in the store and in `entry`)
-    /// but not yet applied to `doc`: a linear successor of a rolling
-    /// document is only appended on receipt, and applied when the document
-    /// is next used. Bounded by the store's compaction threshold.
+    /// but not yet applied to `doc`: changes that extend the document's
+    /// only head in a straight line are only appended on receipt (see
+    /// [`Replica::stage_successors`]), and applied when the document is
+    /// next used. Bounded by the store's compaction threshold.
     pending: Vec<Change>,
     /// For a flat document: its root values as this replica last wrote
     /// them, while they are all it holds (`None` once anything else changed
