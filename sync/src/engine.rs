@@ -59,6 +59,12 @@ const IDLE_REFRESH: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Mutex<Inner>>,
+    /// Sessions take turns (first come, first served) before they take
+    /// the replica lock: a thousand sessions applying a reconnect backlog
+    /// wait here without blocking a runtime thread each, so at most one
+    /// thread waits on the lock for them and the others keep running the
+    /// rest of the process (a bridge's API writes, its Lease renewals).
+    turn: Arc<tokio::sync::Mutex<()>>,
     metrics: SyncMetrics,
     me: PeerId,
 }
@@ -91,6 +97,7 @@ impl Engine {
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 ),
             })),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
             metrics,
             me,
         }
@@ -276,6 +283,7 @@ impl Engine {
         let writer = async {
             loop {
                 let next = {
+                    let _turn = self.turn.lock().await;
                     let mut guard = self.lock();
                     let inner = &mut *guard;
                     let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
@@ -342,6 +350,7 @@ impl Engine {
                 self.metrics.received_bytes.inc_by(n as u64 + 4);
                 let msg =
                     decode(&buf).map_err(|reason| SessionError::Malformed { peer, reason })?;
+                let _turn = self.turn.lock().await;
                 let mut guard = self.lock();
                 let inner = &mut *guard;
                 let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
