@@ -351,7 +351,15 @@ struct NodeLoop {
     /// nodes waiting for a free slot ([`WaitKey`] order).
     again: HashSet<String>,
     waiting: BTreeSet<WaitKey>,
+    /// When each node waiting or running first asked for its projection.
+    asked: HashMap<String, Instant>,
 }
+
+/// The log target of the node loop's per-heartbeat timings (a heartbeat
+/// arriving, its projection starting, the Lease call), at debug level:
+/// `RUST_LOG=outpost_cloud_bridge::lease=debug` shows where a renewal
+/// waited.
+const LEASE_LOG: &str = "outpost_cloud_bridge::lease";
 
 /// Nodes projected (Lease and status written) at once. Enough that 1,000
 /// edges heartbeating every 10 s keep fewer busy than this when the API
@@ -372,12 +380,16 @@ impl NodeLoop {
             inflight: HashSet::new(),
             again: HashSet::new(),
             waiting: BTreeSet::new(),
+            asked: HashMap::new(),
         }
     }
 
     /// Projects a node's status (Lease, Node status) as soon as a slot is
     /// free; a node already being projected is projected again after.
     fn schedule(&mut self, node: &str) {
+        self.asked
+            .entry(node.to_owned())
+            .or_insert_with(Instant::now);
         if self.inflight.contains(node) {
             self.again.insert(node.to_owned());
             return;
@@ -401,9 +413,10 @@ impl NodeLoop {
             return; // not admitted (or not applied yet: ensure_node comes back here)
         };
         self.inflight.insert(node.to_owned());
+        let asked = self.asked.remove(node).unwrap_or_else(Instant::now);
         let (bridge, store, node) = (self.bridge.clone(), self.store.clone(), node.to_owned());
         self.running.spawn(async move {
-            let (state, failed) = project_node(&bridge, &store, &node, state).await;
+            let (state, failed) = project_node(&bridge, &store, &node, state, asked).await;
             (node, state, failed)
         });
     }
@@ -467,6 +480,7 @@ impl NodeLoop {
                         .collect();
                     for node in gone {
                         self.nodes.remove(&node);
+                        self.asked.remove(&node);
                         // Still admitted: another replica holds it now.
                         if !self.bridge.edges.borrow().contains_key(&node) {
                             self.remove_node(&node).await;
@@ -482,6 +496,13 @@ impl NodeLoop {
                     Some(doc) => {
                         if let outpost_sync::document::Owner::Node(node) = doc.owner() {
                             let node = node.to_owned();
+                            debug!(
+                                target: LEASE_LOG,
+                                %node,
+                                inflight = self.inflight.len(),
+                                waiting = self.waiting.len(),
+                                "node status arrived"
+                            );
                             self.schedule(&node);
                         }
                     }
@@ -569,11 +590,15 @@ async fn project_node(
     store: &Store<Node>,
     node: &str,
     mut state: NodeState,
+    asked: Instant,
 ) -> (NodeState, bool) {
     let Ok(id) = project::node_status_id(node) else {
         return (state, false);
     };
-    let doc = match bridge.engine.with_replica(|r| r.get::<NodeStatusDoc>(&id)) {
+    let started = Instant::now();
+    let read = bridge.engine.with_replica(|r| r.get::<NodeStatusDoc>(&id));
+    let read_ms = started.elapsed().as_millis();
+    let doc = match read {
         Ok(Some(doc)) => doc,
         Ok(None) => return (state, false),
         Err(e) => {
@@ -592,13 +617,30 @@ async fn project_node(
         doc.heartbeat_ms > state.heartbeat_ms
     };
     let mut failed = false;
+    debug!(
+        target: LEASE_LOG,
+        %node,
+        fresh,
+        heartbeat_age_ms = now_ms.saturating_sub(doc.heartbeat_ms),
+        waited_ms = started.duration_since(asked).as_millis(),
+        read_ms,
+        "projection starts"
+    );
     if fresh {
         let lease = project::lease_patch(node, state.uid.as_deref(), now, config.lease_duration_s);
         let api: Api<Lease> = Api::namespaced(bridge.client.clone(), project::NODE_LEASE_NAMESPACE);
-        match api
+        let call = Instant::now();
+        let result = api
             .patch(node, &bridge.apply_params(), &Patch::Apply(&lease))
-            .await
-        {
+            .await;
+        debug!(
+            target: LEASE_LOG,
+            %node,
+            call_ms = call.elapsed().as_millis(),
+            ok = result.is_ok(),
+            "lease call done"
+        );
+        match result {
             Ok(_) => {
                 debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
                 if state.heartbeat_ms > 0 {
