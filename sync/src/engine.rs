@@ -59,12 +59,12 @@ const IDLE_REFRESH: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Mutex<Inner>>,
-    /// Sessions take turns (first come, first served) before they take
-    /// the replica lock: a thousand sessions applying a reconnect backlog
-    /// wait here without blocking a runtime thread each, so at most one
-    /// thread waits on the lock for them and the others keep running the
-    /// rest of the process (a bridge's API writes, its Lease renewals).
-    turn: Arc<tokio::sync::Mutex<()>>,
+    /// At most one session at a time takes (or waits for) the replica
+    /// lock; the others wait here without blocking a runtime thread, so a
+    /// thousand sessions applying a reconnect backlog leave the other
+    /// threads to the rest of the process (a bridge's API writes, its Lease
+    /// renewals).
+    gate: Arc<Gate>,
     metrics: SyncMetrics,
     me: PeerId,
 }
@@ -97,7 +97,7 @@ impl Engine {
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 ),
             })),
-            turn: Arc::new(tokio::sync::Mutex::new(())),
+            gate: Arc::new(Gate::default()),
             metrics,
             me,
         }
@@ -283,7 +283,7 @@ impl Engine {
         let writer = async {
             loop {
                 let next = {
-                    let _turn = self.turn.lock().await;
+                    let _pass = self.gate.enter().await;
                     let mut guard = self.lock();
                     let inner = &mut *guard;
                     let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
@@ -350,7 +350,7 @@ impl Engine {
                 self.metrics.received_bytes.inc_by(n as u64 + 4);
                 let msg =
                     decode(&buf).map_err(|reason| SessionError::Malformed { peer, reason })?;
-                let _turn = self.turn.lock().await;
+                let _pass = self.gate.enter().await;
                 let mut guard = self.lock();
                 let inner = &mut *guard;
                 let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
@@ -482,6 +482,52 @@ impl Engine {
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+/// Lets one session at a time on to the replica lock. Not first come,
+/// first served: a session that finds the gate free goes through at once
+/// (a queue handing the gate to a task that has yet to be scheduled would
+/// leave the replica idle meanwhile); one waiter is woken each time the gate
+/// is left.
+#[derive(Default)]
+struct Gate {
+    busy: std::sync::atomic::AtomicBool,
+    left: Notify,
+}
+
+/// Passage through the [`Gate`]; leaving it wakes a waiter.
+struct Pass<'a>(&'a Gate);
+
+impl Gate {
+    fn try_enter(&self) -> Option<Pass<'_>> {
+        use std::sync::atomic::Ordering;
+        (!self.busy.swap(true, Ordering::Acquire)).then(|| Pass(self))
+    }
+
+    async fn enter(&self) -> Pass<'_> {
+        loop {
+            if let Some(pass) = self.try_enter() {
+                return pass;
+            }
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            // Left between the first try and enabling: try again.
+            if let Some(pass) = self.try_enter() {
+                return pass;
+            }
+            left.await;
+        }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0
+            .busy
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.0.left.notify_one();
     }
 }
 

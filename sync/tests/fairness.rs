@@ -171,7 +171,7 @@ async fn sessions_waiting_for_the_replica_leave_the_runtime_running() {
     std::thread::sleep(Duration::from_millis(300));
 
     // Another task of the runtime still runs.
-    let asked = std::time::Instant::now();
+    let asked = Instant::now();
     let probe = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(20)).await;
         asked.elapsed()
