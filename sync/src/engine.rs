@@ -22,7 +22,7 @@ use crate::PeerId;
 use crate::access::Roster;
 use crate::document::DocId;
 use crate::metrics::{PeerLabel, SyncMetrics};
-use crate::protocol::{Event, MAX_MESSAGE_BYTES, Session, SessionError, decode, encode};
+use crate::protocol::{Event, MAX_MESSAGE_BYTES, Message, Session, SessionError, decode, encode};
 use crate::replica::{Replica, ReplicaError};
 use crate::transport::iroh::{PeerAddr, SYNC_ALPN};
 
@@ -350,7 +350,18 @@ impl Engine {
                 self.metrics.received_bytes.inc_by(n as u64 + 4);
                 let msg =
                     decode(&buf).map_err(|reason| SessionError::Malformed { peer, reason })?;
-                let _pass = self.gate.enter().await;
+                // Heartbeats go past the gate: a node-status change waits
+                // for the replica's current holder only, not behind every
+                // other session's backlog (the gate lets waiters in in no
+                // particular order). They are small and come once a period.
+                let heartbeat = matches!(&msg, Message::Changes(docs)
+                    if !docs.is_empty()
+                        && docs.iter().all(|d| d.doc.kind() == crate::document::DocKind::NodeStatus));
+                let _pass = if heartbeat {
+                    None
+                } else {
+                    Some(self.gate.enter().await)
+                };
                 let mut guard = self.lock();
                 let inner = &mut *guard;
                 let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {

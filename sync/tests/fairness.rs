@@ -163,10 +163,11 @@ async fn sessions_waiting_for_the_replica_leave_the_runtime_running() {
         held.with_replica(|_| std::thread::sleep(Duration::from_secs(2)));
     });
     std::thread::sleep(Duration::from_millis(100));
-    // Every edge has a change for it meanwhile.
+    // Every edge has a change for it meanwhile (pod statuses: heartbeats
+    // go past the gate).
     for (e, (_, node)) in edges.iter().zip(&peers) {
-        let doc: DocId = format!("node-status/{node}").parse().unwrap();
-        e.write_json(&doc, &json!({"heartbeatMs": 1})).unwrap();
+        let doc: DocId = format!("pod-status/{node}/default/p/u1").parse().unwrap();
+        e.write_json(&doc, &json!({"phase": "Running"})).unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
 
@@ -184,7 +185,7 @@ async fn sessions_waiting_for_the_replica_leave_the_runtime_running() {
     );
     // And the changes arrive once the replica is free.
     for (_, node) in &peers {
-        let doc: DocId = format!("node-status/{node}").parse().unwrap();
+        let doc: DocId = format!("pod-status/{node}/default/p/u1").parse().unwrap();
         while cloud.read_json(&doc).unwrap().is_none() {
             assert!(Instant::now() < deadline, "{doc} never reached the cloud");
             tokio::time::sleep(Duration::from_millis(10)).await;
