@@ -323,9 +323,24 @@ struct NodeState {
     /// The status last written, without heartbeat times.
     status_key: Option<serde_json::Value>,
     status_written: Option<Instant>,
-    /// The edge's heartbeat period as last seen (ms between the two
-    /// heartbeats of successive renewals); 0 before two renewals.
+    /// The edge's heartbeat period as estimated from the heartbeats of
+    /// successive renewals ([`next_period_ms`]); 0 before two renewals.
     period_ms: u64,
+}
+
+/// The heartbeat period estimate after a renewal whose heartbeat came
+/// `seen_ms` after the previous renewal's: down at once, up by an eighth
+/// at most. Two renewals can be further apart than the edge's period
+/// because the renewal waited (several heartbeats then make one renewal);
+/// taken as the period, that wait would push the node's next deadline
+/// ([`WaitKey`]) later and make it wait longer still, so that healthy
+/// nodes caught in a reconnect storm fell behind the reconnecting ones. An
+/// edge whose period really grew is followed within a few renewals.
+fn next_period_ms(estimate: u64, seen_ms: u64) -> u64 {
+    if estimate == 0 {
+        return seen_ms;
+    }
+    seen_ms.min(estimate + estimate / 8)
 }
 
 /// The order in which nodes waiting for a projection slot get one:
@@ -644,7 +659,10 @@ async fn project_node(
             Ok(_) => {
                 debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
                 if state.heartbeat_ms > 0 {
-                    state.period_ms = doc.heartbeat_ms.saturating_sub(state.heartbeat_ms);
+                    state.period_ms = next_period_ms(
+                        state.period_ms,
+                        doc.heartbeat_ms.saturating_sub(state.heartbeat_ms),
+                    );
                 }
                 state.heartbeat_ms = doc.heartbeat_ms;
                 let m = &bridge.metrics;
@@ -1646,6 +1664,22 @@ mod tests {
         let key = PodKey::of(&kept).expect("still bound");
         assert_eq!((key.node.as_str(), key.uid.as_str()), ("edge-1", "u1"));
         assert_eq!(kept.metadata, full.metadata);
+    }
+
+    #[test]
+    fn a_renewal_that_waited_does_not_stretch_the_heartbeat_period() {
+        // Heartbeats every 2 s; one renewal waited 12 s (a storm).
+        let period = next_period_ms(2_000, 12_000);
+        assert_eq!(period, 2_250);
+        // Back to 2 s at the next renewal on time.
+        assert_eq!(next_period_ms(period, 2_000), 2_000);
+        // An edge that moved to 10 s heartbeats is followed.
+        let mut p = 2_000;
+        for _ in 0..20 {
+            p = next_period_ms(p, 10_000);
+        }
+        assert_eq!(p, 10_000);
+        assert_eq!(next_period_ms(0, 10_000), 10_000);
     }
 
     #[test]
