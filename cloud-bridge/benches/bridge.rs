@@ -608,6 +608,11 @@ fn start_watchers(client: &Client, ns: &str, healthy: HashSet<String>, seen: &Sh
     tokio::spawn(async move {
         let mut events = watcher(leases, watcher::Config::default()).boxed();
         while let Some(e) = events.next().await {
+            match &e {
+                Err(err) => eprintln!("DIAG {} lease watch error: {err}", now_us()),
+                Ok(watcher::Event::Init) => eprintln!("DIAG {} lease watch (re)list", now_us()),
+                _ => {}
+            }
             let (Ok(watcher::Event::Apply(l)) | Ok(watcher::Event::InitApply(l))) = e else {
                 continue;
             };
@@ -1064,6 +1069,22 @@ async fn bench(client: Client, run: String, sizes: Sizes, created: Arc<Mutex<Cre
         }
     });
     let storm_from = now_us() as i64;
+    eprintln!("DIAG {storm_from} storm starts");
+    tokio::spawn(async {
+        // Worker threads blocked (a lock held, a long poll) show as a late wake-up.
+        loop {
+            let t = Instant::now();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let late = t.elapsed().saturating_sub(Duration::from_millis(100));
+            if late > Duration::from_millis(300) {
+                eprintln!(
+                    "DIAG {} runtime stall: woke {} ms late",
+                    now_us(),
+                    late.as_millis()
+                );
+            }
+        }
+    });
     child
         .command(&format!("RECONNECT {} {}", cut.start, cut.end), &seen)
         .await;
@@ -1082,6 +1103,20 @@ async fn bench(client: Client, run: String, sizes: Sizes, created: Arc<Mutex<Cre
     tokio::time::sleep(FAST_HEARTBEAT * 2).await;
     let storm_to = now_us() as i64;
     let (storm_gap, worst_node) = worst_gap_s(&seen, storm_from, storm_to);
+    {
+        let s = seen.lock().unwrap();
+        if let Some(times) = s.renewals.get(&worst_node) {
+            let rel: Vec<String> = times
+                .iter()
+                .filter(|t| **t > storm_from - 10_000_000 && **t < storm_to)
+                .map(|t| format!("{:.2}", (*t - storm_from) as f64 / 1e6))
+                .collect();
+            eprintln!(
+                "DIAG storm from {storm_from}: renewals of {worst_node} (s after the reconnect): {}",
+                rel.join(" ")
+            );
+        }
+    }
     row(
         &format!(
             "reconnect storm: {} edges with a backlog ({expected} pod statuses) reconnect at once: time to converge",

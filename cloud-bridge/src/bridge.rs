@@ -323,9 +323,24 @@ struct NodeState {
     /// The status last written, without heartbeat times.
     status_key: Option<serde_json::Value>,
     status_written: Option<Instant>,
-    /// The edge's heartbeat period as last seen (ms between the two
-    /// heartbeats of successive renewals); 0 before two renewals.
+    /// The edge's heartbeat period as estimated from the heartbeats of
+    /// successive renewals ([`next_period_ms`]); 0 before two renewals.
     period_ms: u64,
+}
+
+/// The heartbeat period estimate after a renewal whose heartbeat came
+/// `seen_ms` after the previous renewal's: down at once, up by an eighth
+/// at most. Two renewals can be further apart than the edge's period
+/// because the renewal waited (several heartbeats then make one renewal);
+/// taken as the period, that wait would push the node's next deadline
+/// ([`WaitKey`]) later and make it wait longer still, so that healthy
+/// nodes caught in a reconnect storm fell behind the reconnecting ones. An
+/// edge whose period really grew is followed within a few renewals.
+fn next_period_ms(estimate: u64, seen_ms: u64) -> u64 {
+    if estimate == 0 {
+        return seen_ms;
+    }
+    seen_ms.min(estimate + estimate / 8)
 }
 
 /// The order in which nodes waiting for a projection slot get one:
@@ -351,7 +366,15 @@ struct NodeLoop {
     /// nodes waiting for a free slot ([`WaitKey`] order).
     again: HashSet<String>,
     waiting: BTreeSet<WaitKey>,
+    /// When each node waiting or running first asked for its projection.
+    asked: HashMap<String, Instant>,
 }
+
+/// The log target of the node loop's per-heartbeat timings (a heartbeat
+/// arriving, its projection starting, the Lease call), at debug level:
+/// `RUST_LOG=outpost_cloud_bridge::lease=debug` shows where a renewal
+/// waited.
+const LEASE_LOG: &str = "outpost_cloud_bridge::lease";
 
 /// Nodes projected (Lease and status written) at once. Enough that 1,000
 /// edges heartbeating every 10 s keep fewer busy than this when the API
@@ -372,12 +395,16 @@ impl NodeLoop {
             inflight: HashSet::new(),
             again: HashSet::new(),
             waiting: BTreeSet::new(),
+            asked: HashMap::new(),
         }
     }
 
     /// Projects a node's status (Lease, Node status) as soon as a slot is
     /// free; a node already being projected is projected again after.
     fn schedule(&mut self, node: &str) {
+        self.asked
+            .entry(node.to_owned())
+            .or_insert_with(Instant::now);
         if self.inflight.contains(node) {
             self.again.insert(node.to_owned());
             return;
@@ -401,9 +428,10 @@ impl NodeLoop {
             return; // not admitted (or not applied yet: ensure_node comes back here)
         };
         self.inflight.insert(node.to_owned());
+        let asked = self.asked.remove(node).unwrap_or_else(Instant::now);
         let (bridge, store, node) = (self.bridge.clone(), self.store.clone(), node.to_owned());
         self.running.spawn(async move {
-            let (state, failed) = project_node(&bridge, &store, &node, state).await;
+            let (state, failed) = project_node(&bridge, &store, &node, state, asked).await;
             (node, state, failed)
         });
     }
@@ -467,6 +495,7 @@ impl NodeLoop {
                         .collect();
                     for node in gone {
                         self.nodes.remove(&node);
+                        self.asked.remove(&node);
                         // Still admitted: another replica holds it now.
                         if !self.bridge.edges.borrow().contains_key(&node) {
                             self.remove_node(&node).await;
@@ -482,6 +511,13 @@ impl NodeLoop {
                     Some(doc) => {
                         if let outpost_sync::document::Owner::Node(node) = doc.owner() {
                             let node = node.to_owned();
+                            debug!(
+                                target: LEASE_LOG,
+                                %node,
+                                inflight = self.inflight.len(),
+                                waiting = self.waiting.len(),
+                                "node status arrived"
+                            );
                             self.schedule(&node);
                         }
                     }
@@ -569,11 +605,15 @@ async fn project_node(
     store: &Store<Node>,
     node: &str,
     mut state: NodeState,
+    asked: Instant,
 ) -> (NodeState, bool) {
     let Ok(id) = project::node_status_id(node) else {
         return (state, false);
     };
-    let doc = match bridge.engine.with_replica(|r| r.get::<NodeStatusDoc>(&id)) {
+    let started = Instant::now();
+    let read = bridge.engine.with_replica(|r| r.get::<NodeStatusDoc>(&id));
+    let read_ms = started.elapsed().as_millis();
+    let doc = match read {
         Ok(Some(doc)) => doc,
         Ok(None) => return (state, false),
         Err(e) => {
@@ -592,17 +632,37 @@ async fn project_node(
         doc.heartbeat_ms > state.heartbeat_ms
     };
     let mut failed = false;
+    debug!(
+        target: LEASE_LOG,
+        %node,
+        fresh,
+        heartbeat_age_ms = now_ms.saturating_sub(doc.heartbeat_ms),
+        waited_ms = started.duration_since(asked).as_millis(),
+        read_ms,
+        "projection starts"
+    );
     if fresh {
         let lease = project::lease_patch(node, state.uid.as_deref(), now, config.lease_duration_s);
         let api: Api<Lease> = Api::namespaced(bridge.client.clone(), project::NODE_LEASE_NAMESPACE);
-        match api
+        let call = Instant::now();
+        let result = api
             .patch(node, &bridge.apply_params(), &Patch::Apply(&lease))
-            .await
-        {
+            .await;
+        debug!(
+            target: LEASE_LOG,
+            %node,
+            call_ms = call.elapsed().as_millis(),
+            ok = result.is_ok(),
+            "lease call done"
+        );
+        match result {
             Ok(_) => {
                 debug!(%node, heartbeat_ms = doc.heartbeat_ms, "lease renewed");
                 if state.heartbeat_ms > 0 {
-                    state.period_ms = doc.heartbeat_ms.saturating_sub(state.heartbeat_ms);
+                    state.period_ms = next_period_ms(
+                        state.period_ms,
+                        doc.heartbeat_ms.saturating_sub(state.heartbeat_ms),
+                    );
                 }
                 state.heartbeat_ms = doc.heartbeat_ms;
                 let m = &bridge.metrics;
@@ -1604,6 +1664,22 @@ mod tests {
         let key = PodKey::of(&kept).expect("still bound");
         assert_eq!((key.node.as_str(), key.uid.as_str()), ("edge-1", "u1"));
         assert_eq!(kept.metadata, full.metadata);
+    }
+
+    #[test]
+    fn a_renewal_that_waited_does_not_stretch_the_heartbeat_period() {
+        // Heartbeats every 2 s; one renewal waited 12 s (a storm).
+        let period = next_period_ms(2_000, 12_000);
+        assert_eq!(period, 2_250);
+        // Back to 2 s at the next renewal on time.
+        assert_eq!(next_period_ms(period, 2_000), 2_000);
+        // An edge that moved to 10 s heartbeats is followed.
+        let mut p = 2_000;
+        for _ in 0..20 {
+            p = next_period_ms(p, 10_000);
+        }
+        assert_eq!(p, 10_000);
+        assert_eq!(next_period_ms(0, 10_000), 10_000);
     }
 
     #[test]

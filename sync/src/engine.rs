@@ -22,7 +22,7 @@ use crate::PeerId;
 use crate::access::Roster;
 use crate::document::DocId;
 use crate::metrics::{PeerLabel, SyncMetrics};
-use crate::protocol::{Event, MAX_MESSAGE_BYTES, Session, SessionError, decode, encode};
+use crate::protocol::{Event, MAX_MESSAGE_BYTES, Message, Session, SessionError, decode, encode};
 use crate::replica::{Replica, ReplicaError};
 use crate::transport::iroh::{PeerAddr, SYNC_ALPN};
 
@@ -59,6 +59,12 @@ const IDLE_REFRESH: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Mutex<Inner>>,
+    /// At most one session at a time takes (or waits for) the replica
+    /// lock; the others wait here without blocking a runtime thread, so a
+    /// thousand sessions applying a reconnect backlog leave the other
+    /// threads to the rest of the process (a bridge's API writes, its Lease
+    /// renewals).
+    gate: Arc<Gate>,
     metrics: SyncMetrics,
     me: PeerId,
 }
@@ -91,6 +97,7 @@ impl Engine {
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 ),
             })),
+            gate: Arc::new(Gate::default()),
             metrics,
             me,
         }
@@ -288,6 +295,7 @@ impl Engine {
         let writer = async {
             loop {
                 let next = {
+                    let _pass = self.gate.enter().await;
                     let mut guard = self.lock();
                     let inner = &mut *guard;
                     let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
@@ -354,6 +362,18 @@ impl Engine {
                 self.metrics.received_bytes.inc_by(n as u64 + 4);
                 let msg =
                     decode(&buf).map_err(|reason| SessionError::Malformed { peer, reason })?;
+                // Heartbeats go past the gate: a node-status change waits
+                // for the replica's current holder only, not behind every
+                // other session's backlog (the gate lets waiters in in no
+                // particular order). They are small and come once a period.
+                let heartbeat = matches!(&msg, Message::Changes(docs)
+                    if !docs.is_empty()
+                        && docs.iter().all(|d| d.doc.kind() == crate::document::DocKind::NodeStatus));
+                let _pass = if heartbeat {
+                    None
+                } else {
+                    Some(self.gate.enter().await)
+                };
                 let mut guard = self.lock();
                 let inner = &mut *guard;
                 let Some(slot) = inner.peers.get_mut(&peer).filter(|s| s.epoch == epoch) else {
@@ -485,6 +505,52 @@ impl Engine {
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+/// Lets one session at a time on to the replica lock. Not first come,
+/// first served: a session that finds the gate free goes through at once
+/// (a queue handing the gate to a task that has yet to be scheduled would
+/// leave the replica idle meanwhile); one waiter is woken each time the gate
+/// is left.
+#[derive(Default)]
+struct Gate {
+    busy: std::sync::atomic::AtomicBool,
+    left: Notify,
+}
+
+/// Passage through the [`Gate`]; leaving it wakes a waiter.
+struct Pass<'a>(&'a Gate);
+
+impl Gate {
+    fn try_enter(&self) -> Option<Pass<'_>> {
+        use std::sync::atomic::Ordering;
+        (!self.busy.swap(true, Ordering::Acquire)).then(|| Pass(self))
+    }
+
+    async fn enter(&self) -> Pass<'_> {
+        loop {
+            if let Some(pass) = self.try_enter() {
+                return pass;
+            }
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            // Left between the first try and enabling: try again.
+            if let Some(pass) = self.try_enter() {
+                return pass;
+            }
+            left.await;
+        }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0
+            .busy
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.0.left.notify_one();
     }
 }
 

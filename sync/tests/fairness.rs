@@ -125,3 +125,70 @@ async fn a_backlogged_peer_does_not_starve_a_healthy_ones_heartbeats() {
         started.elapsed()
     );
 }
+
+/// Sessions that wait for the replica take turns without blocking a runtime
+/// thread each: while the replica is busy (here: held by another thread for
+/// two seconds, as a long apply holds it), the sessions of several peers
+/// with changes to apply wait for it, and the runtime's other tasks (a
+/// bridge's Lease renewals) still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_waiting_for_the_replica_leave_the_runtime_running() {
+    let peers: Vec<(PeerId, String)> = (0..4u8)
+        .map(|i| (PeerId([10 + i; 32]), format!("edge-turn-{i}")))
+        .collect();
+    let mut roster = Roster::new();
+    roster.insert(CLOUD, Role::Cloud);
+    for (key, node) in &peers {
+        roster.insert(*key, edge(node));
+    }
+    let cloud = engine("turn-cloud", CLOUD, &roster);
+    let edges: Vec<Engine> = peers
+        .iter()
+        .map(|(key, node)| engine(node, *key, &roster))
+        .collect();
+    let _links: Vec<_> = edges
+        .iter()
+        .map(|e| connect(e, &cloud, DEFAULT_LINK_BUFFER))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cloud.connected().len() < peers.len() {
+        assert!(Instant::now() < deadline, "the edges never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The replica is busy for two seconds.
+    let held = cloud.clone();
+    let holder = std::thread::spawn(move || {
+        held.with_replica(|_| std::thread::sleep(Duration::from_secs(2)));
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // Every edge has a change for it meanwhile (pod statuses: heartbeats
+    // go past the gate).
+    for (e, (_, node)) in edges.iter().zip(&peers) {
+        let doc: DocId = format!("pod-status/{node}/default/p/u1").parse().unwrap();
+        e.write_json(&doc, &json!({"phase": "Running"})).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Another task of the runtime still runs.
+    let asked = Instant::now();
+    let probe = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        asked.elapsed()
+    });
+    let took = probe.await.unwrap();
+    holder.join().unwrap();
+    assert!(
+        took < Duration::from_millis(1000),
+        "a task waited {took:?} while sessions waited for the replica"
+    );
+    // And the changes arrive once the replica is free.
+    for (_, node) in &peers {
+        let doc: DocId = format!("pod-status/{node}/default/p/u1").parse().unwrap();
+        while cloud.read_json(&doc).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{doc} never reached the cloud");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
