@@ -985,27 +985,28 @@ impl Replica {
         } = item;
         let doc = &doc;
         let batch_heads = batch_heads(&decoded);
+        // The index decides between generations: a newer one replaces the
+        // document without loading (or applying changes to) the old one.
+        let entry = self.entry(doc)?;
         if straight_line
-            && let Some(applied) = self.stage_successors(batch, doc, generation, &decoded)?
+            && let Some(entry) = &entry
+            && let Some(applied) = self.stage_successors(batch, doc, generation, &decoded, entry)?
         {
             return Ok(Applied {
                 batch_heads,
                 ..applied
             });
         }
-        // The index decides between generations: a newer one replaces the
-        // document without loading (or applying changes to) the old one.
-        let current = self.entry(doc)?.map(|e| (e.generation, e.chunks));
+        let current = entry.as_ref().map(|e| (e.generation, e.chunks));
         let am_err = |e: automerge::AutomergeError| ReplicaError::Automerge {
             doc: doc.clone(),
             reason: e.to_string(),
         };
         match current {
             Some((g, _)) if generation < g => {
-                let entry = self.entry(doc)?.unwrap_or_default();
                 return Ok(Applied {
                     stale: true,
-                    entry,
+                    entry: entry.unwrap_or_default(),
                     ..Default::default()
                 });
             }
@@ -1088,6 +1089,7 @@ impl Replica {
     /// document only when it is next used. Nothing is loaded: a replica
     /// receiving reports of many devices does not read each one from the
     /// store, and a live change is persisted without waiting for automerge.
+    /// `entry` is the document's index entry as this replica has it.
     /// Returns `None` where that is not certain, and the caller
     /// applies the changes as usual (which checks them in full).
     fn stage_successors(
@@ -1096,21 +1098,17 @@ impl Replica {
         doc: &DocId,
         generation: u64,
         changes: &[Change],
+        entry: &IndexEntry,
     ) -> Result<Option<Applied>, ReplicaError> {
         if changes.is_empty() {
             return Ok(None);
         }
-        let cached = self.cache.peek(doc);
-        let (mut entry, head) = match cached {
-            Some(loaded) => (
-                loaded.entry.clone(),
-                loaded.pending.last().map(ChainLink::of),
-            ),
-            None => match self.store.index(doc)? {
-                Some(entry) => (entry, None),
-                None => return Ok(None),
-            },
-        };
+        let mut entry = entry.clone();
+        let head = self
+            .cache
+            .peek(doc)
+            .and_then(|loaded| loaded.pending.last())
+            .map(ChainLink::of);
         if entry.generation != generation
             || entry.heads.len() != 1
             || self.store.would_compact(&entry, changes.len())
