@@ -134,23 +134,19 @@ pub fn set_desired_at(
     let mut body = replica.read_json(doc)?.unwrap_or_else(|| json!({}));
     let me = replica.me().to_string();
     let all = writes(&body);
-    let seen = all
-        .get(property)
-        .into_iter()
-        .flatten()
-        .filter(|w| w.writer != me)
-        .map(|w| w.at)
-        .max()
-        .unwrap_or_default();
+    // The newest timestamp of this property's writes that `keep` selects.
+    let latest = |keep: &dyn Fn(&DesiredWrite) -> bool| {
+        all.get(property)
+            .into_iter()
+            .flatten()
+            .filter(|w| keep(w))
+            .map(|w| w.at)
+            .max()
+            .unwrap_or_default()
+    };
+    let seen = latest(&|w| w.writer != me);
     // After what it saw, and after its own previous write.
-    let own = all
-        .get(property)
-        .into_iter()
-        .flatten()
-        .filter(|w| w.writer == me)
-        .map(|w| w.at)
-        .max()
-        .unwrap_or_default();
+    let own = latest(&|w| w.writer == me);
     let (at, seen) = match written_ms.filter(|w| *w < now_ms) {
         None => {
             replica.observe(seen.max(own));
@@ -170,15 +166,7 @@ pub fn set_desired_at(
                     counter: own.counter.saturating_add(1),
                 }
             };
-            let before = all
-                .get(property)
-                .into_iter()
-                .flatten()
-                .filter(|w| w.writer != me && w.at < at)
-                .map(|w| w.at)
-                .max()
-                .unwrap_or_default();
-            (at, before)
+            (at, latest(&|w| w.writer != me && w.at < at))
         }
     };
     let slot = json!({
