@@ -448,3 +448,89 @@ fn a_batch_naming_a_document_twice_keeps_both_parts() {
     let _ = std::fs::remove_dir_all(&da);
     let _ = std::fs::remove_dir_all(&db);
 }
+
+/// A flat document's changes are built by the replica itself while it alone
+/// writes the document (see `Replica::stage_flat_direct`); everything that
+/// needs the document whole reads it again from the store. Every way of
+/// reaching it gives back what was written: reads, a peer syncing from
+/// scratch, a second writer, a batch that rolls the document over midway,
+/// and a restart.
+#[test]
+fn flat_writes_read_back_through_every_path() {
+    let (da, db) = (dir("flat-a"), dir("flat-b"));
+    let opts = ReplicaOptions {
+        rollover_after_changes: 16,
+        ..Default::default()
+    };
+    let mut a = Replica::open(&da, PeerId([1; 32]), opts.clone()).unwrap();
+    let mut b = Replica::open(&db, PeerId([2; 32]), opts.clone()).unwrap();
+    let doc = DocId::new(
+        DocKind::DeviceReported,
+        Owner::Node("edge-1"),
+        &["default", "flat"],
+    )
+    .unwrap();
+    let report = |i: u64| {
+        let mut v = json!({"state": "online", "twins": {"t": {"value": (i % 7).to_string()}}});
+        if i.is_multiple_of(3) {
+            v["extra"] = json!(i); // comes and goes
+        }
+        v
+    };
+    let sync = |from: &mut Replica, to: &mut Replica| {
+        let e = to.entry(&doc).unwrap().unwrap_or_default();
+        let (g, ch) = from.changes_for(&doc, e.generation, &e.heads, &[]).unwrap();
+        let applied = to.apply(&doc, g, &ch).unwrap();
+        assert!(!applied.missing_deps);
+    };
+    for i in 0..100u64 {
+        a.write_json(&doc, &report(i), 1000 + i).unwrap();
+        assert_eq!(a.read_json(&doc).unwrap().unwrap(), report(i));
+        if i % 11 == 0 {
+            sync(&mut a, &mut b);
+            assert_eq!(b.read_json(&doc).unwrap().unwrap(), report(i));
+        }
+        if i == 50 {
+            // A peer that has nothing gets every change of the generation.
+            let (g, all) = a.changes_for(&doc, 0, &[], &[]).unwrap();
+            let (dc, mut c) = {
+                let d = dir("flat-c");
+                let c = Replica::open(&d, PeerId([3; 32]), opts.clone()).unwrap();
+                (d, c)
+            };
+            c.apply(&doc, g, &all).unwrap();
+            assert_eq!(c.read_json(&doc).unwrap().unwrap(), report(i));
+            drop(c);
+            let _ = std::fs::remove_dir_all(dc);
+        }
+    }
+    // A second writer: both sides end up with the same values.
+    sync(&mut a, &mut b);
+    b.write_json(&doc, &json!({"state": "offline", "by": "b"}), 5000)
+        .unwrap();
+    a.write_json(&doc, &json!({"state": "online", "by": "a"}), 5001)
+        .unwrap();
+    sync(&mut b, &mut a);
+    sync(&mut a, &mut b);
+    assert_eq!(a.read_json(&doc).unwrap(), b.read_json(&doc).unwrap());
+    // Writing again after the merge, then a batch that rolls the document
+    // over midway.
+    for i in 200..210u64 {
+        a.write_json(&doc, &report(i), 6000 + i).unwrap();
+    }
+    let batch: Vec<serde_json::Value> = (300..340u64).map(report).collect();
+    a.write_many(batch.iter().map(|v| (&doc, v)), 7000).unwrap();
+    assert_eq!(a.read_json(&doc).unwrap().unwrap(), report(339));
+    sync(&mut a, &mut b);
+    assert_eq!(b.read_json(&doc).unwrap().unwrap(), report(339));
+    let before = a.entry(&doc).unwrap().unwrap();
+    drop(a);
+    let mut a = Replica::open(&da, PeerId([1; 32]), opts).unwrap();
+    assert_eq!(a.entry(&doc).unwrap().unwrap(), before);
+    assert_eq!(a.read_json(&doc).unwrap().unwrap(), report(339));
+    a.write_json(&doc, &report(400), 8000).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(b.read_json(&doc).unwrap().unwrap(), report(400));
+    let _ = std::fs::remove_dir_all(&da);
+    let _ = std::fs::remove_dir_all(&db);
+}
