@@ -184,12 +184,18 @@ impl Flat {
     fn empty() -> Self {
         Self {
             values: Vec::new(),
-            chain: Some(FlatChain {
-                ops: Vec::new(),
-                seq: 0,
-                max_op: 0,
-                head: None,
-            }),
+            chain: Some(FlatChain::empty()),
+        }
+    }
+}
+
+impl FlatChain {
+    fn empty() -> Self {
+        Self {
+            ops: Vec::new(),
+            seq: 0,
+            max_op: 0,
+            head: None,
         }
     }
 }
@@ -987,12 +993,48 @@ impl Replica {
         else {
             return Ok(None);
         };
-        if loaded.entry.changes + 1 > rollover_after || self.store.would_compact(&loaded.entry, 1) {
+        let rolls = loaded.entry.changes + 1 > rollover_after;
+        if !rolls && self.store.would_compact(&loaded.entry, 1) {
             return Ok(None);
         }
         let Some((change, flat)) = flat_change(&self.actor, values, chain, map, now_ms) else {
             return Ok(Some(None));
         };
+        if rolls {
+            // A new generation holding only the current values: its first
+            // change, stored in place of the old generation. The old one is
+            // not read for this.
+            let Some((change, flat)) =
+                flat_change(&self.actor, &[], &FlatChain::empty(), map, now_ms)
+            else {
+                return Ok(None); // no values at all: written the usual way
+            };
+            let hash = change.hash();
+            let bytes = change.raw_bytes().to_vec();
+            let mut entry = loaded.entry.clone();
+            let stored = entry.chunks;
+            entry.generation += 1;
+            entry.changes = 1;
+            entry.heads = vec![hash.0];
+            // A change chunk loads as a document.
+            self.store
+                .stage_replace(batch, doc, &mut entry, stored, &bytes);
+            let mut fresh = AutoCommit::new();
+            fresh.set_actor(self.actor.clone());
+            loaded.doc = fresh;
+            loaded.stale = false;
+            loaded.pending.clear();
+            loaded.own = vec![change];
+            loaded.last_local = Some(LastLocal {
+                hash: hash.0,
+                deps: Vec::new(),
+                bytes,
+                time_ms: now_ms as i64,
+            });
+            loaded.flat = Some(flat);
+            loaded.entry = entry;
+            return Ok(Some(Some(hash)));
+        }
         let hash = change.hash();
         let bytes = change.raw_bytes().to_vec();
         let mut entry = loaded.entry.clone();
@@ -1037,16 +1079,18 @@ impl Replica {
     ) -> Result<Outgoing, ReplicaError> {
         if let Some(loaded) = self.cache.peek(doc)
             && let Some(last) = &loaded.last_local
-            && loaded.entry.generation == their_generation
             && loaded.entry.heads == [last.hash]
-            && their_heads.len() == last.deps.len()
-            && their_heads.iter().all(|h| last.deps.contains(h))
+            && ((loaded.entry.generation == their_generation
+                && their_heads.len() == last.deps.len()
+                && their_heads.iter().all(|h| last.deps.contains(h)))
+                // A newer generation that is just its first change.
+                || (their_generation < loaded.entry.generation && last.deps.is_empty()))
         {
             // The live case: the peer lacks just the change written last.
             // Answered before the document is loaded: changes written
             // since it was last used need not be applied for this.
             return Ok(Outgoing {
-                generation: their_generation,
+                generation: loaded.entry.generation,
                 changes: vec![last.bytes.clone()],
                 oldest_commit_ms: Some(last.time_ms),
             });
