@@ -83,6 +83,12 @@ pub struct ReplicaOptions {
     pub store: StoreOptions,
     /// Documents kept loaded in memory at most.
     pub cache_docs: NonZeroUsize,
+    /// Flat documents this replica writes, kept in memory at most without
+    /// their automerge document (their values and what writing the next
+    /// change needs, a few hundred bytes each), beside `cache_docs`: a node
+    /// with more devices than `cache_docs` writes each report without
+    /// reading the device's document from the store.
+    pub idle_flat_docs: NonZeroUsize,
     /// Rolling documents start a new generation after this many changes.
     pub rollover_after_changes: u64,
 }
@@ -92,6 +98,7 @@ impl Default for ReplicaOptions {
         Self {
             store: StoreOptions::default(),
             cache_docs: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+            idle_flat_docs: NonZeroUsize::new(16_384).unwrap_or(NonZeroUsize::MIN),
             rollover_after_changes: 64,
         }
     }
@@ -166,6 +173,18 @@ struct Loaded {
     /// it). Comparing a new report with these spares asking automerge for
     /// every value, and reads are answered from them.
     flat: Option<Flat>,
+}
+
+/// A flat document this replica wrote last, kept without its automerge
+/// document (which the store holds): enough to read it and to write its
+/// next change (see [`Replica::stage_flat_direct`]). Anything else that
+/// needs the document reads it from the store again.
+struct FlatIdle {
+    entry: IndexEntry,
+    flat: Flat,
+    last_local: Option<LastLocal>,
+    /// Direct writes staged in a write batch not yet committed.
+    own: Vec<Change>,
 }
 
 /// A root value of a flat document.
@@ -247,6 +266,8 @@ const SCOPED_QUEUE: usize = 4096;
 pub struct Replica {
     store: Store,
     cache: LruCache<DocId, Loaded>,
+    /// Flat documents written directly, out of `cache` (see [`FlatIdle`]).
+    idle: LruCache<DocId, FlatIdle>,
     me: PeerId,
     actor: ActorId,
     clock: Clock,
@@ -433,6 +454,7 @@ impl Replica {
         Ok(Self {
             store,
             cache: LruCache::new(options.cache_docs),
+            idle: LruCache::new(options.idle_flat_docs),
             me,
             actor: ActorId::from(actor),
             clock: Clock::starting_after(last),
@@ -452,9 +474,10 @@ impl Replica {
         &self.store
     }
 
-    /// Documents currently loaded in memory.
+    /// Documents currently loaded in memory (flat documents kept without
+    /// their automerge document included).
     pub fn cached_docs(&self) -> usize {
-        self.cache.len()
+        self.cache.len() + self.idle.len()
     }
 
     /// Ids of changed documents as they are persisted (local writes and
@@ -498,6 +521,7 @@ impl Replica {
     }
 
     fn load(&mut self, doc: &DocId) -> Result<Option<&mut Loaded>, ReplicaError> {
+        self.promote(doc);
         if let Some(loaded) = self.cache.peek_mut(doc)
             && (loaded.stale || !loaded.own.is_empty())
         {
@@ -569,8 +593,31 @@ impl Replica {
         Ok(self.cache.get_mut(doc))
     }
 
+    /// Moves a flat document kept without its automerge document into the
+    /// cache, to be read from the store when [`Replica::load`] needs it
+    /// (with the direct writes of the batch being staged on top).
+    fn promote(&mut self, doc: &DocId) {
+        if let Some(idle) = self.idle.pop(doc) {
+            self.cache.put(
+                doc.clone(),
+                Loaded {
+                    doc: AutoCommit::new(),
+                    entry: idle.entry,
+                    last_local: idle.last_local,
+                    pending: Vec::new(),
+                    own: idle.own,
+                    stale: true,
+                    flat: Some(idle.flat),
+                },
+            );
+        }
+    }
+
     /// The index entry of a document (generation, heads), if the replica has it.
     pub fn entry(&mut self, doc: &DocId) -> Result<Option<IndexEntry>, ReplicaError> {
+        if let Some(idle) = self.idle.peek(doc) {
+            return Ok(Some(idle.entry.clone()));
+        }
         if let Some(loaded) = self.cache.peek(doc) {
             return Ok(Some(loaded.entry.clone()));
         }
@@ -593,6 +640,11 @@ impl Replica {
     /// Reads a document as JSON. `None` when the replica does not have it.
     pub fn read_json(&mut self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
         let id = doc.clone();
+        if let Some(idle) = self.idle.get(doc) {
+            return flat_json(&idle.flat.values)
+                .map(Some)
+                .map_err(|reason| ReplicaError::Serde { doc: id, reason });
+        }
         if doc.kind().rolls_over()
             && let Some(Loaded {
                 flat: Some(flat), ..
@@ -624,6 +676,10 @@ impl Replica {
 
     /// Whether the replica holds `doc` as deleted (a tombstone).
     pub fn is_deleted(&mut self, doc: &DocId) -> Result<bool, ReplicaError> {
+        if self.idle.contains(doc) || self.cache.peek(doc).is_some_and(|l| l.flat.is_some()) {
+            // Values this replica wrote: not a tombstone.
+            return Ok(false);
+        }
         Ok(self.load(doc)?.is_some_and(|l| is_tombstone(&l.doc)))
     }
 
@@ -767,16 +823,27 @@ impl Replica {
             return Err(e.into());
         }
         for doc in &touched {
-            if let Some(loaded) = self.cache.peek_mut(doc)
-                && !loaded.own.is_empty()
+            // Direct writes are in the store now: the document is read from
+            // there when something needs it whole, and kept meanwhile
+            // without its automerge document.
+            if let Some(idle) = self.idle.peek_mut(doc) {
+                idle.own.clear();
+            } else if self
+                .cache
+                .peek(doc)
+                .is_some_and(|l| !l.own.is_empty() && l.flat.is_some())
+                && let Some(loaded) = self.cache.pop(doc)
+                && let Some(flat) = loaded.flat
             {
-                // The store has them now; the document is read from there
-                // when something needs it whole.
-                loaded.own.clear();
-                if !loaded.stale {
-                    loaded.stale = true;
-                    loaded.doc = AutoCommit::new();
-                }
+                self.idle.put(
+                    doc.clone(),
+                    FlatIdle {
+                        entry: loaded.entry,
+                        flat,
+                        last_local: loaded.last_local,
+                        own: Vec::new(),
+                    },
+                );
             }
         }
         for doc in touched {
@@ -808,6 +875,7 @@ impl Replica {
         let saved = am.save_nocompress();
         self.store
             .stage_replace(batch, doc, &mut entry, stored_chunks, &saved);
+        self.idle.pop(doc);
         self.cache.put(
             doc.clone(),
             Loaded {
@@ -828,6 +896,7 @@ impl Replica {
     fn discard(&mut self, docs: &[DocId]) {
         for doc in docs {
             self.cache.pop(doc);
+            self.idle.pop(doc);
         }
     }
 
@@ -983,72 +1052,91 @@ impl Replica {
         now_ms: u64,
     ) -> Result<Option<Option<ChangeHash>>, ReplicaError> {
         let rollover_after = self.options.rollover_after_changes;
+        if let Some(idle) = self.idle.peek(doc)
+            && (idle.entry.changes + 1 > rollover_after || self.store.would_compact(&idle.entry, 1))
+        {
+            // Rolled over below, on the cached document; or written the
+            // usual way.
+            self.promote(doc);
+        }
+        if let Some(idle) = self.idle.get_mut(doc) {
+            let hash = append_flat(
+                &self.store,
+                batch,
+                doc,
+                &self.actor,
+                FlatParts {
+                    entry: &mut idle.entry,
+                    flat: &mut idle.flat,
+                    last_local: &mut idle.last_local,
+                    own: &mut idle.own,
+                },
+                map,
+                now_ms,
+            );
+            return Ok(hash);
+        }
         let Some(loaded) = self.cache.get_mut(doc) else {
             return Ok(None);
         };
-        let Some(Flat {
-            values,
-            chain: Some(chain),
-        }) = &loaded.flat
-        else {
+        let Some(flat) = &mut loaded.flat else {
             return Ok(None);
         };
         let rolls = loaded.entry.changes + 1 > rollover_after;
-        if !rolls && self.store.would_compact(&loaded.entry, 1) {
+        if !rolls {
+            if self.store.would_compact(&loaded.entry, 1) {
+                return Ok(None);
+            }
+            return Ok(append_flat(
+                &self.store,
+                batch,
+                doc,
+                &self.actor,
+                FlatParts {
+                    entry: &mut loaded.entry,
+                    flat,
+                    last_local: &mut loaded.last_local,
+                    own: &mut loaded.own,
+                },
+                map,
+                now_ms,
+            ));
+        }
+        let Some(chain) = &flat.chain else {
             return Ok(None);
-        }
-        let Some((change, flat)) = flat_change(&self.actor, values, chain, map, now_ms) else {
-            return Ok(Some(None));
         };
-        if rolls {
-            // A new generation holding only the current values: its first
-            // change, stored in place of the old generation. The old one is
-            // not read for this.
-            let Some((change, flat)) =
-                flat_change(&self.actor, &[], &FlatChain::empty(), map, now_ms)
-            else {
-                return Ok(None); // no values at all: written the usual way
-            };
-            let hash = change.hash();
-            let bytes = change.raw_bytes().to_vec();
-            let mut entry = loaded.entry.clone();
-            let stored = entry.chunks;
-            entry.generation += 1;
-            entry.changes = 1;
-            entry.heads = vec![hash.0];
-            // A change chunk loads as a document.
-            self.store
-                .stage_replace(batch, doc, &mut entry, stored, &bytes);
-            let mut fresh = AutoCommit::new();
-            fresh.set_actor(self.actor.clone());
-            loaded.doc = fresh;
-            loaded.stale = false;
-            loaded.pending.clear();
-            loaded.own = vec![change];
-            loaded.last_local = Some(LastLocal {
-                hash: hash.0,
-                deps: Vec::new(),
-                bytes,
-                time_ms: now_ms as i64,
-            });
-            loaded.flat = Some(flat);
-            loaded.entry = entry;
-            return Ok(Some(Some(hash)));
+        if flat_change(&self.actor, &flat.values, chain, map, now_ms).is_none() {
+            return Ok(Some(None));
         }
+        // A new generation holding only the current values: its first
+        // change, stored in place of the old generation. The old one is
+        // not read for this.
+        let Some((change, flat)) = flat_change(&self.actor, &[], &FlatChain::empty(), map, now_ms)
+        else {
+            return Ok(None); // no values at all: written the usual way
+        };
         let hash = change.hash();
         let bytes = change.raw_bytes().to_vec();
         let mut entry = loaded.entry.clone();
+        let stored = entry.chunks;
+        entry.generation += 1;
+        entry.changes = 1;
         entry.heads = vec![hash.0];
-        entry.changes += 1;
+        // A change chunk loads as a document.
         self.store
-            .stage_chunks(batch, doc, &mut entry, std::slice::from_ref(&bytes));
+            .stage_replace(batch, doc, &mut entry, stored, &bytes);
+        let mut fresh = AutoCommit::new();
+        fresh.set_actor(self.actor.clone());
+        loaded.doc = fresh;
+        loaded.stale = false;
+        loaded.pending.clear();
+        loaded.own = vec![change];
         loaded.last_local = Some(LastLocal {
             hash: hash.0,
-            deps: chain.head.iter().map(|h| h.0).collect(),
+            deps: Vec::new(),
             bytes,
             time_ms: now_ms as i64,
         });
-        loaded.own.push(change);
         loaded.flat = Some(flat);
         loaded.entry = entry;
         Ok(Some(Some(hash)))
@@ -1077,20 +1165,23 @@ impl Replica {
         their_heads: &[[u8; 32]],
         acked_heads: &[[u8; 32]],
     ) -> Result<Outgoing, ReplicaError> {
-        if let Some(loaded) = self.cache.peek(doc)
-            && let Some(last) = &loaded.last_local
-            && loaded.entry.heads == [last.hash]
-            && ((loaded.entry.generation == their_generation
+        let kept = match self.idle.peek(doc) {
+            Some(idle) => Some((&idle.entry, &idle.last_local)),
+            None => self.cache.peek(doc).map(|l| (&l.entry, &l.last_local)),
+        };
+        if let Some((entry, Some(last))) = kept
+            && entry.heads == [last.hash]
+            && ((entry.generation == their_generation
                 && their_heads.len() == last.deps.len()
                 && their_heads.iter().all(|h| last.deps.contains(h)))
                 // A newer generation that is just its first change.
-                || (their_generation < loaded.entry.generation && last.deps.is_empty()))
+                || (their_generation < entry.generation && last.deps.is_empty()))
         {
             // The live case: the peer lacks just the change written last.
             // Answered before the document is loaded: changes written
             // since it was last used need not be applied for this.
             return Ok(Outgoing {
-                generation: loaded.entry.generation,
+                generation: entry.generation,
                 changes: vec![last.bytes.clone()],
                 oldest_commit_ms: Some(last.time_ms),
             });
@@ -1352,6 +1443,7 @@ impl Replica {
         entry: &IndexEntry,
     ) -> Result<Option<Applied>, ReplicaError> {
         if changes.is_empty()
+            || self.idle.contains(doc)
             || self
                 .cache
                 .peek(doc)
@@ -1467,6 +1559,48 @@ fn write_flat(
         am.delete(automerge::ROOT, key.as_str())?;
     }
     Ok(values)
+}
+
+/// The parts of a kept flat document that a direct write changes.
+struct FlatParts<'a> {
+    entry: &'a mut IndexEntry,
+    flat: &'a mut Flat,
+    last_local: &'a mut Option<LastLocal>,
+    own: &'a mut Vec<Change>,
+}
+
+/// Stages a direct write of a flat document that neither rolls over nor
+/// compacts: the change [`flat_change`] builds, appended to the store as a
+/// chunk. `None` when the document's chain is not known (the caller writes
+/// through automerge); `Some(None)` when nothing changed.
+fn append_flat(
+    store: &Store,
+    batch: &mut Batch,
+    doc: &DocId,
+    actor: &ActorId,
+    parts: FlatParts<'_>,
+    map: &serde_json::Map<String, serde_json::Value>,
+    now_ms: u64,
+) -> Option<Option<ChangeHash>> {
+    let chain = parts.flat.chain.as_ref()?;
+    let Some((change, flat)) = flat_change(actor, &parts.flat.values, chain, map, now_ms) else {
+        return Some(None);
+    };
+    let hash = change.hash();
+    let bytes = change.raw_bytes().to_vec();
+    let deps = chain.head.iter().map(|h| h.0).collect();
+    parts.entry.heads = vec![hash.0];
+    parts.entry.changes += 1;
+    store.stage_chunks(batch, doc, parts.entry, std::slice::from_ref(&bytes));
+    *parts.last_local = Some(LastLocal {
+        hash: hash.0,
+        deps,
+        bytes,
+        time_ms: now_ms as i64,
+    });
+    parts.own.push(change);
+    *parts.flat = flat;
+    Some(Some(hash))
 }
 
 /// The automerge scalar that holds a root value of a flat document: a

@@ -457,11 +457,21 @@ fn a_batch_naming_a_document_twice_keeps_both_parts() {
 /// and a restart.
 #[test]
 fn flat_writes_read_back_through_every_path() {
-    let (da, db) = (dir("flat-a"), dir("flat-b"));
+    // With the default cache, and with a one-document cache, where the
+    // flat document is kept out of the cache (without its automerge
+    // document) between writes, and another document takes the cache.
+    flat_paths(256);
+    flat_paths(1);
+}
+
+fn flat_paths(cache: usize) {
+    let (da, db) = (dir(&format!("flat-a{cache}")), dir(&format!("flat-b{cache}")));
     let opts = ReplicaOptions {
         rollover_after_changes: 16,
+        cache_docs: std::num::NonZeroUsize::new(cache).unwrap(),
         ..Default::default()
     };
+    let other = pod("other");
     let mut a = Replica::open(&da, PeerId([1; 32]), opts.clone()).unwrap();
     let mut b = Replica::open(&db, PeerId([2; 32]), opts.clone()).unwrap();
     let doc = DocId::new(
@@ -485,6 +495,11 @@ fn flat_writes_read_back_through_every_path() {
     };
     for i in 0..100u64 {
         a.write_json(&doc, &report(i), 1000 + i).unwrap();
+        if i % 5 == 2 {
+            // Another document in between takes a one-document cache.
+            a.write_json(&other, &json!({"containers": [], "n": i}), 1000 + i)
+                .unwrap();
+        }
         assert_eq!(a.read_json(&doc).unwrap().unwrap(), report(i));
         if i % 11 == 0 {
             sync(&mut a, &mut b);
@@ -494,7 +509,7 @@ fn flat_writes_read_back_through_every_path() {
             // A peer that has nothing gets every change of the generation.
             let (g, all) = a.changes_for(&doc, 0, &[], &[]).unwrap();
             let (dc, mut c) = {
-                let d = dir("flat-c");
+                let d = dir(&format!("flat-c{cache}"));
                 let c = Replica::open(&d, PeerId([3; 32]), opts.clone()).unwrap();
                 (d, c)
             };
