@@ -827,7 +827,7 @@ impl Replica {
             // there when something needs it whole, and kept meanwhile
             // without its automerge document.
             if let Some(idle) = self.idle.peek_mut(doc) {
-                idle.own.clear();
+                idle.own = Vec::new();
             } else if self
                 .cache
                 .peek(doc)
