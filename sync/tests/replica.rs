@@ -465,7 +465,10 @@ fn flat_writes_read_back_through_every_path() {
 }
 
 fn flat_paths(cache: usize) {
-    let (da, db) = (dir(&format!("flat-a{cache}")), dir(&format!("flat-b{cache}")));
+    let (da, db) = (
+        dir(&format!("flat-a{cache}")),
+        dir(&format!("flat-b{cache}")),
+    );
     let opts = ReplicaOptions {
         rollover_after_changes: 16,
         cache_docs: std::num::NonZeroUsize::new(cache).unwrap(),
