@@ -260,6 +260,10 @@ impl Engine {
         W: AsyncWrite + Unpin,
     {
         let (wake, epoch) = {
+            // Starting indexes the peer's scope in the store: many peers
+            // connecting at once (a reconnect storm) wait here without a
+            // thread, as the sessions' reads and writes do.
+            let _pass = self.gate.enter().await;
             let mut inner = self.lock();
             let mut session = Session::new(peer, &inner.roster)?;
             session.start(&inner.replica, &inner.roster, initiate)?;
