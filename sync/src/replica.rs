@@ -162,11 +162,10 @@ struct Loaded {
     /// This replica's own flat writes (see [`Replica::stage_flat_direct`])
     /// staged in a write batch not yet committed, and not applied to `doc`.
     own: Vec<Change>,
-    /// `doc` lacks own flat writes that the store holds (they are dropped
-    /// from `own` once committed): it is read again from the store when it
-    /// is next used. In the meantime `doc` is empty, which spares holding
-    /// a document nothing needs: reads, writes and the live push of a flat
-    /// document use `flat` and `last_local`.
+    /// `doc` is empty and stands for what the store holds: a flat document
+    /// brought back from [`FlatIdle`] ([`Replica::promote`]). It is read
+    /// from the store when it is next used (or replaced whole by a
+    /// roll-over, which needs none of it).
     stale: bool,
     /// For a flat document: its root values as this replica last wrote
     /// them, while they are all it holds (`None` once anything else changed
@@ -254,6 +253,32 @@ struct LastLocal {
     deps: Vec<[u8; 32]>,
     bytes: Vec<u8>,
     time_ms: i64,
+}
+
+impl LastLocal {
+    /// The live case: this change is the document's only head (`entry`) and
+    /// a peer at `their_generation` holding `have` lacks just it (it holds
+    /// the change's dependencies, or is a generation behind one that is
+    /// just this change). Served as kept, without automerge.
+    fn serves(
+        &self,
+        entry: &IndexEntry,
+        their_generation: u64,
+        have: &[[u8; 32]],
+    ) -> Option<Outgoing> {
+        let lacks_just_it = if their_generation < entry.generation {
+            self.deps.is_empty()
+        } else {
+            let mut have = have.to_vec();
+            have.sort_unstable();
+            their_generation == entry.generation && have == self.deps
+        };
+        (entry.heads == [self.hash] && lacks_just_it).then(|| Outgoing {
+            generation: entry.generation,
+            changes: vec![self.bytes.clone()],
+            oldest_commit_ms: Some(self.time_ms),
+        })
+    }
 }
 
 const META_INCARNATION: &[u8] = b"incarnation";
@@ -558,9 +583,8 @@ impl Replica {
         if let Some(loaded) = self.cache.peek_mut(doc)
             && !loaded.pending.is_empty()
         {
-            // What is pending is this replica's own flat writes (the mirror
-            // stays true) or a peer's changes (which dropped the mirror when
-            // they arrived).
+            // A peer's changes (which dropped the flat mirror when they
+            // arrived; this replica's own direct writes wait in `own`).
             let pending = std::mem::take(&mut loaded.pending);
             if let Err(e) = loaded.doc.apply_changes_batch(pending) {
                 // The store holds the same changes; whoever asks next reads
@@ -640,17 +664,13 @@ impl Replica {
     /// Reads a document as JSON. `None` when the replica does not have it.
     pub fn read_json(&mut self, doc: &DocId) -> Result<Option<serde_json::Value>, ReplicaError> {
         let id = doc.clone();
-        if let Some(idle) = self.idle.get(doc) {
-            return flat_json(&idle.flat.values)
-                .map(Some)
-                .map_err(|reason| ReplicaError::Serde { doc: id, reason });
-        }
-        if doc.kind().rolls_over()
-            && let Some(Loaded {
-                flat: Some(flat), ..
-            }) = self.cache.get(doc)
-        {
-            // This replica wrote every value the document holds.
+        // A flat document whose values this replica wrote, all of them.
+        let flat = match self.idle.get(doc) {
+            Some(idle) => Some(&idle.flat),
+            None if doc.kind().rolls_over() => self.cache.get(doc).and_then(|l| l.flat.as_ref()),
+            None => None,
+        };
+        if let Some(flat) = flat {
             return flat_json(&flat.values)
                 .map(Some)
                 .map_err(|reason| ReplicaError::Serde { doc: id, reason });
@@ -1105,7 +1125,10 @@ impl Replica {
         let Some(chain) = &flat.chain else {
             return Ok(None);
         };
-        if flat_change(&self.actor, &flat.values, chain, map, now_ms).is_none() {
+        if flat_ops(&self.actor, &flat.values, chain, map)
+            .ops
+            .is_empty()
+        {
             return Ok(Some(None));
         }
         // A new generation holding only the current values: its first
@@ -1169,22 +1192,12 @@ impl Replica {
             Some(idle) => Some((&idle.entry, &idle.last_local)),
             None => self.cache.peek(doc).map(|l| (&l.entry, &l.last_local)),
         };
+        // Answered before the document is loaded: changes written since it
+        // was last used need not be applied for this.
         if let Some((entry, Some(last))) = kept
-            && entry.heads == [last.hash]
-            && ((entry.generation == their_generation
-                && their_heads.len() == last.deps.len()
-                && their_heads.iter().all(|h| last.deps.contains(h)))
-                // A newer generation that is just its first change.
-                || (their_generation < entry.generation && last.deps.is_empty()))
+            && let Some(out) = last.serves(entry, their_generation, their_heads)
         {
-            // The live case: the peer lacks just the change written last.
-            // Answered before the document is loaded: changes written
-            // since it was last used need not be applied for this.
-            return Ok(Outgoing {
-                generation: entry.generation,
-                changes: vec![last.bytes.clone()],
-                oldest_commit_ms: Some(last.time_ms),
-            });
+            return Ok(out);
         }
         let Some(loaded) = self.load(doc)? else {
             return Ok(Outgoing::default());
@@ -1228,16 +1241,12 @@ impl Replica {
                 ..Default::default()
             });
         }
-        if let Some(last) = &loaded.last_local
-            && loaded.entry.heads == [last.hash]
-            && have == last.deps
+        if let Some(out) = loaded
+            .last_local
+            .as_ref()
+            .and_then(|last| last.serves(&loaded.entry, their_generation, &have))
         {
-            // The live case: the peer lacks just the change written last.
-            return Ok(Outgoing {
-                generation,
-                changes: vec![last.bytes.clone()],
-                oldest_commit_ms: Some(last.time_ms),
-            });
+            return Ok(out);
         }
         let have: Vec<ChangeHash> = have.into_iter().map(ChangeHash).collect();
         let changes = loaded.doc.get_changes(&have);
@@ -1652,6 +1661,61 @@ fn flat_change(
     map: &serde_json::Map<String, serde_json::Value>,
     now_ms: u64,
 ) -> Option<(Change, Flat)> {
+    let FlatOps {
+        ops,
+        values: new_values,
+        op_ids: new_ops,
+        next,
+    } = flat_ops(actor, values, chain, map);
+    let start_op = std::num::NonZeroU64::new(chain.max_op + 1)?;
+    if ops.is_empty() {
+        return None;
+    }
+    let change = Change::from(automerge::ExpandedChange {
+        operations: ops,
+        actor_id: actor.clone(),
+        hash: None,
+        seq: chain.seq + 1,
+        start_op,
+        time: now_ms as i64,
+        message: None,
+        deps: chain.head.into_iter().collect(),
+        extra_bytes: Vec::new(),
+        author: None,
+    });
+    let chain = FlatChain {
+        ops: new_ops,
+        seq: chain.seq + 1,
+        max_op: next - 1,
+        head: Some(change.hash()),
+    };
+    Some((
+        change,
+        Flat {
+            values: new_values,
+            chain: Some(chain),
+        },
+    ))
+}
+
+/// The ops of [`flat_change`], before a change is built of them.
+struct FlatOps {
+    ops: Vec<automerge::legacy::Op>,
+    /// The values afterwards, and the op of each.
+    values: Vec<FlatValue>,
+    op_ids: Vec<automerge::legacy::OpId>,
+    /// The counter after the last op.
+    next: u64,
+}
+
+/// One put for each value of `map` that differs from `values`, in the
+/// report's order, then one delete for each value `map` no longer has.
+fn flat_ops(
+    actor: &ActorId,
+    values: &[FlatValue],
+    chain: &FlatChain,
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> FlatOps {
     use automerge::legacy::{Key, ObjectId, Op, OpId, OpType, SortedVec};
     let mut ops = Vec::new();
     let mut next = chain.max_op + 1;
@@ -1687,35 +1751,12 @@ fn flat_change(
             next += 1;
         }
     }
-    let start_op = std::num::NonZeroU64::new(chain.max_op + 1)?;
-    if ops.is_empty() {
-        return None;
+    FlatOps {
+        ops,
+        values: new_values,
+        op_ids: new_ops,
+        next,
     }
-    let change = Change::from(automerge::ExpandedChange {
-        operations: ops,
-        actor_id: actor.clone(),
-        hash: None,
-        seq: chain.seq + 1,
-        start_op,
-        time: now_ms as i64,
-        message: None,
-        deps: chain.head.into_iter().collect(),
-        extra_bytes: Vec::new(),
-        author: None,
-    });
-    let chain = FlatChain {
-        ops: new_ops,
-        seq: chain.seq + 1,
-        max_op: next - 1,
-        head: Some(change.hash()),
-    };
-    Some((
-        change,
-        Flat {
-            values: new_values,
-            chain: Some(chain),
-        },
-    ))
 }
 
 /// The [`FlatChain`] of a flat document that holds `values`, written by
