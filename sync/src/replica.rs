@@ -230,6 +230,7 @@ struct FlatChain {
 }
 
 /// What continuing a straight line of changes needs to know of its last one.
+#[derive(Clone)]
 struct ChainLink {
     hash: [u8; 32],
     actor: automerge::ActorId,
@@ -287,12 +288,22 @@ const META_CLOCK: &[u8] = b"clock";
 /// Changed documents a scoped subscription holds before it lags.
 const SCOPED_QUEUE: usize = 4096;
 
+/// Last changes remembered for continuing a straight line (see
+/// [`Replica::stage_successors`]), about 150 bytes each.
+const CHAIN_LINKS: usize = 1024;
+
 /// The documents of one peer.
 pub struct Replica {
     store: Store,
     cache: LruCache<DocId, Loaded>,
     /// Flat documents written directly, out of `cache` (see [`FlatIdle`]).
     idle: LruCache<DocId, FlatIdle>,
+    /// Recently stored changes by hash, as the next change of a straight
+    /// line needs them: a peer's next change to a document whose only
+    /// head is one of these is appended without reading the store. Keyed
+    /// by the hash, an entry is right whatever happened to the document
+    /// since.
+    links: LruCache<[u8; 32], ChainLink>,
     me: PeerId,
     actor: ActorId,
     clock: Clock,
@@ -480,6 +491,7 @@ impl Replica {
             store,
             cache: LruCache::new(options.cache_docs),
             idle: LruCache::new(options.idle_flat_docs),
+            links: LruCache::new(NonZeroUsize::new(CHAIN_LINKS).unwrap_or(NonZeroUsize::MIN)),
             me,
             actor: ActorId::from(actor),
             clock: Clock::starting_after(last),
@@ -1340,8 +1352,8 @@ impl Replica {
         // document without loading (or applying changes to) the old one.
         let entry = self.entry(doc)?;
         if straight_line
-            && let Some(entry) = &entry
-            && let Some(applied) = self.stage_successors(batch, doc, generation, &decoded, entry)?
+            && let Some(applied) =
+                self.stage_successors(batch, doc, generation, &decoded, entry.as_ref())?
         {
             return Ok(Applied {
                 batch_heads,
@@ -1368,6 +1380,7 @@ impl Replica {
                 let mut am = self.new_doc();
                 let times = decoded.iter().map(Change::timestamp).collect();
                 let n = decoded.len();
+                let tail = decoded.last().map(ChainLink::of);
                 am.apply_changes_batch(decoded).map_err(am_err)?;
                 let missing_deps = !am.get_missing_deps(&[]).is_empty();
                 let entry = IndexEntry {
@@ -1376,6 +1389,7 @@ impl Replica {
                     ..Default::default()
                 };
                 let entry = self.stage_whole(batch, doc, entry, stored, am);
+                self.remember_link(&entry, tail);
                 return Ok(Applied {
                     new_changes: n,
                     entry,
@@ -1412,6 +1426,7 @@ impl Replica {
         let bytes: Vec<Vec<u8>> = fresh.iter().map(|c| c.raw_bytes().to_vec()).collect();
         let times: Vec<i64> = fresh.iter().map(Change::timestamp).collect();
         let n = fresh.len();
+        let tail = fresh.last().map(ChainLink::of);
         loaded.last_local = None;
         loaded.flat = None;
         loaded.doc.apply_changes_batch(fresh).map_err(am_err)?;
@@ -1423,6 +1438,7 @@ impl Replica {
         self.store
             .stage_append(batch, doc, &mut entry, &bytes, || doc_ref.save_nocompress());
         loaded.entry = entry.clone();
+        self.remember_link(&entry, tail);
         Ok(Applied {
             new_changes: n,
             entry,
@@ -1433,14 +1449,26 @@ impl Replica {
         })
     }
 
+    /// Keeps `tail`, a just-stored change, for the next change of a straight
+    /// line, when it is the document's only head.
+    fn remember_link(&mut self, entry: &IndexEntry, tail: Option<ChainLink>) {
+        if let Some(tail) = tail
+            && entry.heads == [tail.hash]
+        {
+            self.links.put(tail.hash, tail);
+        }
+    }
+
     /// The receiving fast path: when `changes` extend
     /// the document's only head in a straight line (same writer, next
     /// sequence numbers and op counters, each depending on the one before),
-    /// they are appended to the store as they are and applied to the loaded
-    /// document only when it is next used. Nothing is loaded: a replica
-    /// receiving reports of many devices does not read each one from the
-    /// store, and a live change is persisted without waiting for automerge.
-    /// `entry` is the document's index entry as this replica has it.
+    /// or start a document new to this replica in one (from the first
+    /// change of a writer, depending on nothing), they are appended to the
+    /// store as they are and applied to the loaded document only when it is
+    /// next used. Nothing is loaded: a replica receiving reports of many
+    /// devices does not read each one from the store, and a live change is
+    /// persisted without waiting for automerge. `entry` is the document's
+    /// index entry as this replica has it, `None` for a new document.
     /// Returns `None` where that is not certain, and the caller
     /// applies the changes as usual (which checks them in full).
     fn stage_successors(
@@ -1449,7 +1477,7 @@ impl Replica {
         doc: &DocId,
         generation: u64,
         changes: &[Change],
-        entry: &IndexEntry,
+        entry: Option<&IndexEntry>,
     ) -> Result<Option<Applied>, ReplicaError> {
         if changes.is_empty()
             || self.idle.contains(doc)
@@ -1462,40 +1490,69 @@ impl Replica {
             // applied the usual way, once it is read again.
             return Ok(None);
         }
-        let mut entry = entry.clone();
-        let head = self
-            .cache
-            .peek(doc)
-            .and_then(|loaded| loaded.pending.last())
-            .map(ChainLink::of);
-        if entry.generation != generation
-            || entry.heads.len() != 1
-            || self.store.would_compact(&entry, changes.len())
-        {
-            return Ok(None);
-        }
-        let mut head = match head {
-            Some(head) => head,
-            None => match self.store.last_chunk(doc, &entry)? {
-                Some(last) => ChainLink::of(&last),
-                None => return Ok(None),
-            },
+        let (mut entry, mut head) = match entry {
+            // A document this replica does not hold (and has nothing of
+            // loaded): the line starts from nothing.
+            None if !self.cache.contains(doc) => (
+                IndexEntry {
+                    generation,
+                    ..Default::default()
+                },
+                None,
+            ),
+            None => return Ok(None),
+            Some(entry) => {
+                if entry.generation != generation || entry.heads.len() != 1 {
+                    return Ok(None);
+                }
+                let pending = self
+                    .cache
+                    .peek(doc)
+                    .and_then(|loaded| loaded.pending.last())
+                    .map(ChainLink::of);
+                let head = match pending {
+                    Some(head) => head,
+                    None => match entry.heads.first().and_then(|h| self.links.get(h)) {
+                        Some(link) => link.clone(),
+                        None => match self.store.last_chunk(doc, entry)? {
+                            Some(last) => ChainLink::of(&last),
+                            None => return Ok(None),
+                        },
+                    },
+                };
+                if entry.heads.first() != Some(&head.hash) {
+                    return Ok(None);
+                }
+                (entry.clone(), Some(head))
+            }
         };
-        if entry.heads.first() != Some(&head.hash) {
+        if self.store.would_compact(&entry, changes.len()) {
             return Ok(None);
         }
         for change in changes {
-            let next = ChainLink::of(change);
             let extends = change.author().is_none()
-                && change.actor_id() == &head.actor
-                && change.seq() == head.seq + 1
-                && change.start_op().get() == head.max_op + 1
-                && change.deps() == [ChangeHash(head.hash)];
+                && match &head {
+                    Some(head) => {
+                        change.actor_id() == &head.actor
+                            && change.seq() == head.seq + 1
+                            && change.start_op().get() == head.max_op + 1
+                            && change.deps() == [ChangeHash(head.hash)]
+                    }
+                    None => {
+                        change.seq() == 1
+                            && change.start_op().get() == 1
+                            && change.deps().is_empty()
+                    }
+                };
             if !extends {
                 return Ok(None);
             }
-            head = next;
+            head = Some(ChainLink::of(change));
         }
+        // `changes` is not empty: the loop set the head.
+        let Some(head) = head else {
+            return Ok(None);
+        };
         let bytes: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
         entry.heads = vec![head.hash];
         entry.changes += changes.len() as u64;
@@ -1506,6 +1563,7 @@ impl Replica {
             loaded.flat = None;
             loaded.entry = entry.clone();
         }
+        self.links.put(head.hash, head);
         Ok(Some(Applied {
             new_changes: changes.len(),
             entry,

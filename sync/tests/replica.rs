@@ -343,6 +343,70 @@ fn straight_line_reports_are_appended_and_read_back_exactly() {
     let _ = std::fs::remove_dir_all(&db);
 }
 
+/// A document new to the receiver whose changes start from nothing in a
+/// straight line is stored as it comes, without automerge; changes that
+/// start elsewhere (their dependencies missing) go the checked path and
+/// wait for what they lack.
+#[test]
+fn a_new_document_received_in_a_straight_line_is_stored_without_loading() {
+    let (da, db, dc) = (dir("new-a"), dir("new-b"), dir("new-c"));
+    let mut a = Replica::open(&da, PeerId([1; 32]), ReplicaOptions::default()).unwrap();
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    let doc = pod("fresh");
+    for i in 0..3 {
+        a.write_json(
+            &doc,
+            &json!({"containers": [{"name": "main", "image": format!("busybox:{i}")}]}),
+            1000 + i,
+        )
+        .unwrap();
+    }
+    let (g, all) = a.changes_for(&doc, 0, &[], &[]).unwrap();
+    assert_eq!(all.len(), 3);
+    let applied = b.apply(&doc, g, &all).unwrap();
+    assert_eq!(applied.new_changes, 3);
+    assert!(!applied.missing_deps);
+    assert_eq!(b.cached_docs(), 0, "stored without loading");
+    assert_eq!(
+        b.entry(&doc).unwrap(),
+        a.entry(&doc).unwrap().map(|mut e| {
+            // The sender compacts on its own schedule; generation, heads and
+            // change count are what must agree.
+            e.chunks = 3;
+            e.snapshot = None;
+            e
+        })
+    );
+    // The next change extends the line from what was just stored.
+    a.write_json(
+        &doc,
+        &json!({"containers": [{"name": "main", "image": "busybox:9"}]}),
+        2000,
+    )
+    .unwrap();
+    let eb = b.entry(&doc).unwrap().unwrap();
+    let (g, next) = a.changes_for(&doc, eb.generation, &eb.heads, &[]).unwrap();
+    assert_eq!(b.apply(&doc, g, &next).unwrap().new_changes, 1);
+    assert_eq!(b.cached_docs(), 0);
+    assert_eq!(b.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
+    drop(b);
+    let mut b = Replica::open(&db, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+    assert_eq!(b.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
+
+    // The last changes alone, to a replica without the first: checked,
+    // held, and asked for what they depend on.
+    let mut c = Replica::open(&dc, PeerId([3; 32]), ReplicaOptions::default()).unwrap();
+    let (g, all) = a.changes_for(&doc, 0, &[], &[]).unwrap();
+    let applied = c.apply(&doc, g, &all[2..]).unwrap();
+    assert!(applied.missing_deps);
+    let applied = c.apply(&doc, g, &all[..2]).unwrap();
+    assert!(!applied.missing_deps);
+    assert_eq!(c.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
+    for d in [da, db, dc] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// A second writer's report with the same sequence number as one the
 /// receiver holds (an edge that lost its data and came back with the same
 /// actor) does not extend the line: automerge refuses it, and what the
