@@ -22,7 +22,9 @@ use crate::PeerId;
 use crate::access::Roster;
 use crate::document::DocId;
 use crate::metrics::{PeerLabel, SyncMetrics};
-use crate::protocol::{Event, MAX_MESSAGE_BYTES, Message, Session, SessionError, decode, encode};
+use crate::protocol::{
+    Event, Item, MAX_MESSAGE_BYTES, Message, Session, SessionError, decode, encode,
+};
 use crate::replica::{Replica, ReplicaError};
 use crate::transport::iroh::{PeerAddr, SYNC_ALPN};
 
@@ -51,6 +53,16 @@ struct Inner {
 
 /// Conflicts remembered for counting.
 const CONFLICTS_REMEMBERED: usize = 4096;
+
+/// How long a session holds an acknowledgement back, so that those of a
+/// stream of changes go out together (and with the next message, when there
+/// is one) instead of one message each. A peer's watermark lags by this much
+/// more.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// Documents whose acknowledgements are held at most (a few hundred KB):
+/// more go out at once.
+const ACKS_HELD_MAX: usize = 4096;
 
 /// How often an idle session refreshes its per-peer gauges.
 const IDLE_REFRESH: Duration = Duration::from_secs(5);
@@ -156,11 +168,16 @@ impl Engine {
         doc: &DocId,
         f: impl FnOnce(&mut Replica, u64) -> Result<(T, bool), E>,
     ) -> Result<T, E> {
-        let mut inner = self.lock();
-        let (out, changed) = f(&mut inner.replica, now_ms())?;
-        if changed {
-            mark_dirty(&mut inner, self.me, doc, None);
-        }
+        let mut wakes = Vec::new();
+        let out = {
+            let mut inner = self.lock();
+            let (out, changed) = f(&mut inner.replica, now_ms())?;
+            if changed {
+                mark_dirty(&mut inner, self.me, doc, None, &mut wakes);
+            }
+            out
+        };
+        wake_all(wakes);
         Ok(out)
     }
 
@@ -176,17 +193,21 @@ impl Engine {
     /// Writes many documents in one store write (a report cycle of many
     /// devices) and pushes them. Returns how many changed.
     pub fn write_many(&self, items: &[(DocId, serde_json::Value)]) -> Result<usize, ReplicaError> {
-        let mut inner = self.lock();
-        let hashes = inner
-            .replica
-            .write_many(items.iter().map(|(d, v)| (d, v)), now_ms())?;
+        let mut wakes = Vec::new();
         let mut changed = 0;
-        for ((doc, _), hash) in items.iter().zip(hashes) {
-            if hash.is_some() {
-                changed += 1;
-                mark_dirty(&mut inner, self.me, doc, None);
+        {
+            let mut inner = self.lock();
+            let hashes = inner
+                .replica
+                .write_many(items.iter().map(|(d, v)| (d, v)), now_ms())?;
+            for ((doc, _), hash) in items.iter().zip(hashes) {
+                if hash.is_some() {
+                    changed += 1;
+                    mark_dirty(&mut inner, self.me, doc, None, &mut wakes);
+                }
             }
         }
+        wake_all(wakes);
         Ok(changed)
     }
 
@@ -297,6 +318,9 @@ impl Engine {
         info!(%peer, "sync session open");
 
         let writer = async {
+            // Acknowledgements held back to go out together (see ACK_DELAY).
+            let mut held: Vec<Item> = Vec::new();
+            let mut held_until: Option<tokio::time::Instant> = None;
             loop {
                 let next = {
                     let _pass = self.gate.enter().await;
@@ -320,25 +344,55 @@ impl Engine {
                         .set(w as f64 / 1000.0);
                     msg
                 };
+                let mut out = Vec::with_capacity(2);
                 match next {
-                    Some(msg) => {
-                        let bytes = encode(&msg);
-                        let mut frame = Vec::with_capacity(bytes.len() + 4);
-                        frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-                        frame.extend_from_slice(&bytes);
-                        if send.write_all(&frame).await.is_err() || send.flush().await.is_err() {
-                            // The peer went away: the session just ends.
-                            return Ok(());
+                    Some(Message::Ack(items)) => {
+                        hold_acks(&mut held, items);
+                        if held.len() < ACKS_HELD_MAX {
+                            held_until
+                                .get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+                            continue;
                         }
-                        self.metrics.sent_messages.inc();
-                        self.metrics.sent_bytes.inc_by(bytes.len() as u64 + 4);
+                        out.push(Message::Ack(std::mem::take(&mut held)));
+                        held_until = None;
                     }
-                    // Idle: wake now and then to refresh the watermark, so
-                    // that a caught-up peer's watermark age stays near zero.
-                    None => {
-                        let _ = tokio::time::timeout(IDLE_REFRESH, wake.notified()).await;
+                    Some(msg) => {
+                        // Anything else carries the held acknowledgements along.
+                        if !held.is_empty() {
+                            out.push(Message::Ack(std::mem::take(&mut held)));
+                            held_until = None;
+                        }
+                        out.push(msg);
                     }
+                    None => match held_until {
+                        Some(due) if tokio::time::Instant::now() >= due => {
+                            out.push(Message::Ack(std::mem::take(&mut held)));
+                            held_until = None;
+                        }
+                        Some(due) => {
+                            let _ = tokio::time::timeout_at(due, wake.notified()).await;
+                            continue;
+                        }
+                        // Idle: wake now and then to refresh the watermark, so
+                        // that a caught-up peer's watermark age stays near zero.
+                        None => {
+                            let _ = tokio::time::timeout(IDLE_REFRESH, wake.notified()).await;
+                            continue;
+                        }
+                    },
                 }
+                let mut frames = Vec::new();
+                for msg in &out {
+                    let bytes = encode(msg);
+                    frames.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                    frames.extend_from_slice(&bytes);
+                    self.metrics.sent_messages.inc();
+                }
+                if send.write_all(&frames).await.is_err() || send.flush().await.is_err() {
+                    // The peer went away: the session just ends.
+                    return Ok(());
+                }
+                self.metrics.sent_bytes.inc_by(frames.len() as u64);
             }
         };
         let reader = async {
@@ -386,7 +440,7 @@ impl Engine {
                 let events = slot
                     .session
                     .handle(msg, &mut inner.replica, &inner.roster)?;
-                slot.wake.notify_one();
+                let mut wakes = vec![slot.wake.clone()];
                 let now = now_ms() as i64;
                 for event in events {
                     match event {
@@ -399,7 +453,7 @@ impl Engine {
                             if doc.kind() == crate::document::DocKind::DeviceDesired {
                                 self.count_conflicts(inner, &doc);
                             }
-                            mark_dirty(inner, self.me, &doc, Some(peer));
+                            mark_dirty(inner, self.me, &doc, Some(peer), &mut wakes);
                         }
                         Event::Rejected { doc, reason } => {
                             self.metrics.rejected_changes.inc();
@@ -410,6 +464,8 @@ impl Engine {
                         }
                     }
                 }
+                drop(guard);
+                wake_all(wakes);
             }
         };
         let result = tokio::select! {
@@ -591,8 +647,15 @@ impl Drop for SessionSlot<'_> {
 }
 
 /// Marks a document dirty in every session (but the one it came from) and
-/// wakes their writers.
-fn mark_dirty(inner: &mut Inner, me: PeerId, doc: &DocId, except: Option<PeerId>) {
+/// adds their writers to `wakes`, to be woken once the lock is released (a
+/// writer woken under it would only wait for it).
+fn mark_dirty(
+    inner: &mut Inner,
+    me: PeerId,
+    doc: &DocId,
+    except: Option<PeerId>,
+    wakes: &mut Vec<Arc<Notify>>,
+) {
     // Only the sessions of peers that may read the document: a cloud with
     // a thousand edges does not visit a thousand sessions per change.
     for peer in inner.roster.readers(doc) {
@@ -601,7 +664,26 @@ fn mark_dirty(inner: &mut Inner, me: PeerId, doc: &DocId, except: Option<PeerId>
         }
         if let Some(slot) = inner.peers.get_mut(&peer) {
             slot.session.local_change(&me, &inner.roster, doc);
-            slot.wake.notify_one();
+            if !wakes.iter().any(|w| Arc::ptr_eq(w, &slot.wake)) {
+                wakes.push(slot.wake.clone());
+            }
+        }
+    }
+}
+
+/// Wakes the writers [`mark_dirty`] collected.
+fn wake_all(wakes: Vec<Arc<Notify>>) {
+    for wake in wakes {
+        wake.notify_one();
+    }
+}
+
+/// Adds acknowledgements to those held, one per document (the latest).
+fn hold_acks(held: &mut Vec<Item>, items: Vec<Item>) {
+    for item in items {
+        match held.iter_mut().find(|h| h.doc == item.doc) {
+            Some(h) => *h = item,
+            None => held.push(item),
         }
     }
 }

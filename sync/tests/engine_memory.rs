@@ -239,3 +239,51 @@ async fn own_changes_sent_back_are_accepted_when_the_roster_lists_only_the_peer(
         assert_eq!(edge.metrics().rejected_changes.get(), 0);
     }
 }
+
+/// A stream of changes is acknowledged in a few messages, not one per
+/// change, and every change is still acknowledged: the sender's watermark
+/// clears once the stream stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_changes_is_acknowledged_together_and_in_full() {
+    let roster = roster();
+    let cloud = engine("acks-cloud", CLOUD, &roster);
+    let edge = engine("acks-edge", EDGE, &roster);
+    let _link = connect(&edge, &cloud, DEFAULT_LINK_BUFFER);
+    until("both sessions", || {
+        !cloud.connected().is_empty() && !edge.connected().is_empty()
+    })
+    .await;
+    let before = edge.metrics().sent_messages.get();
+    let doc = |i: usize| -> DocId {
+        format!("pod-spec/edge-1/default/p{}/u", i % 20)
+            .parse()
+            .unwrap()
+    };
+    let writes = 200;
+    for i in 0..writes {
+        cloud
+            .write_json(
+                &doc(i),
+                &json!({"containers": [{"name": "main", "image": format!("busybox:{i}")}]}),
+            )
+            .unwrap();
+        // A stream, not a burst: each change goes out on its own (the
+        // timer rounds this up to a millisecond).
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    until("every change acknowledged", || {
+        cloud.watermark_ms(&EDGE).is_none() && cloud.pending(&EDGE) == Some(0)
+    })
+    .await;
+    for i in 0..20 {
+        assert_eq!(
+            edge.read_json(&doc(i)).unwrap(),
+            cloud.read_json(&doc(i)).unwrap()
+        );
+    }
+    let acks = edge.metrics().sent_messages.get() - before;
+    assert!(
+        acks * 2 < writes as u64,
+        "{acks} messages from the receiver for {writes} changes"
+    );
+}
