@@ -832,6 +832,15 @@ impl Replica {
                 });
             }
         }
+        self.with_room(items.len(), |r| r.stage_and_commit_writes(items, now_ms))
+    }
+
+    /// [`Replica::write_many`] once its input is checked.
+    fn stage_and_commit_writes(
+        &mut self,
+        items: Vec<(&DocId, &serde_json::Value)>,
+        now_ms: u64,
+    ) -> Result<Vec<Option<ChangeHash>>, ReplicaError> {
         let mut batch = Batch::default();
         let mut touched: Vec<DocId> = Vec::new();
         let mut out = Vec::with_capacity(items.len());
@@ -921,6 +930,25 @@ impl Replica {
             },
         );
         entry
+    }
+
+    /// Runs `f`, a batch touching up to `n` documents, with the caches grown
+    /// so that none of them is evicted before the batch is committed: a
+    /// document evicted with a write staged would be read back from the
+    /// store without it, and a second write to it in the same batch would
+    /// replace the first. They shrink back afterwards (what they drop then
+    /// is in the store).
+    fn with_room<T>(&mut self, n: usize, f: impl FnOnce(&mut Self) -> T) -> T {
+        let (cache, idle) = (self.cache.cap(), self.idle.cap());
+        if n < cache.get() && n < idle.get() {
+            return f(self);
+        }
+        self.cache.resize(cache.saturating_add(n));
+        self.idle.resize(idle.saturating_add(n));
+        let out = f(self);
+        self.cache.resize(cache);
+        self.idle.resize(idle);
+        out
     }
 
     /// Forgets loaded documents whose staged writes were not persisted, so
@@ -1296,6 +1324,14 @@ impl Replica {
     /// it was, the others proceed. The outer error is the store failing to
     /// write, and then nothing is persisted.
     pub fn apply_batch(
+        &mut self,
+        items: Vec<Incoming>,
+    ) -> Result<Vec<Result<Applied, ReplicaError>>, ReplicaError> {
+        self.with_room(items.len(), |r| r.stage_and_commit_applies(items))
+    }
+
+    /// [`Replica::apply_batch`] with room in the caches.
+    fn stage_and_commit_applies(
         &mut self,
         items: Vec<Incoming>,
     ) -> Result<Vec<Result<Applied, ReplicaError>>, ReplicaError> {

@@ -616,3 +616,45 @@ fn flat_paths(cache: usize) {
     let _ = std::fs::remove_dir_all(&da);
     let _ = std::fs::remove_dir_all(&db);
 }
+
+/// One `write_many` naming a document twice, with more documents between
+/// than the cache holds: both writes are kept, in order, and the store
+/// reads back after a restart.
+#[test]
+fn a_write_many_naming_a_document_twice_far_apart_keeps_both_writes() {
+    let d = dir("many-twice");
+    let small = ReplicaOptions {
+        cache_docs: std::num::NonZeroUsize::new(4).unwrap(),
+        ..Default::default()
+    };
+    let mut r = Replica::open(&d, PeerId([1; 32]), small.clone()).unwrap();
+    let x = pod("twice");
+    r.write_json(&x, &json!({"image": "v0"}), 1000).unwrap();
+    let first = json!({"image": "v1", "first": true});
+    let second = json!({"image": "v2"});
+    let others: Vec<(DocId, serde_json::Value)> = (0..10)
+        .map(|i| {
+            (
+                pod(&format!("between-{i}")),
+                json!({"image": format!("o{i}")}),
+            )
+        })
+        .collect();
+    let mut items: Vec<(&DocId, &serde_json::Value)> = vec![(&x, &first)];
+    items.extend(others.iter().map(|(d, v)| (d, v)));
+    items.push((&x, &second));
+    let hashes = r.write_many(items, 2000).unwrap();
+    assert!(hashes.iter().all(Option::is_some));
+    assert_eq!(r.read_json(&x).unwrap(), Some(second.clone()));
+    let entry = r.entry(&x).unwrap().unwrap();
+    assert_eq!(entry.changes, 3, "v0, v1 and v2 are three changes");
+    assert_eq!(entry.heads, vec![hashes.last().unwrap().unwrap().0]);
+    drop(r);
+    let mut r = Replica::open(&d, PeerId([1; 32]), small).unwrap();
+    assert_eq!(r.read_json(&x).unwrap(), Some(second));
+    assert_eq!(r.entry(&x).unwrap().unwrap().changes, 3);
+    for (doc, value) in &others {
+        assert_eq!(r.read_json(doc).unwrap().as_ref(), Some(value));
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
