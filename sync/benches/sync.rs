@@ -215,152 +215,150 @@ fn live() {
 /// The live figures and their baselines; `variant` tells the rows apart.
 async fn live_runs(variant: &'static str) {
     use outpost_sync::transport::iroh::{PeerAddr, SYNC_ALPN, bind};
-    {
-        let samples = if quick() { 100 } else { 1000 };
-        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        // Baseline 1: a bare iroh request/response on a new stream.
-        let (k1, k2) = (iroh::SecretKey::generate(), iroh::SecretKey::generate());
-        let e1 = bind(k1.clone(), loopback).await.unwrap();
-        let e2 = bind(k2.clone(), loopback).await.unwrap();
-        let addr1 = PeerAddr {
-            id: k1.public(),
-            addr: e1.bound_sockets()[0],
-        };
-        let echo = tokio::spawn({
-            let e1 = e1.clone();
-            async move {
-                let conn = e1.accept().await.unwrap().await.unwrap();
-                while let Ok((mut s, mut r)) = conn.accept_bi().await {
-                    let got = r.read_to_end(1024).await.unwrap();
-                    s.write_all(&got).await.unwrap();
-                    s.finish().unwrap();
-                }
-            }
-        });
-        let conn = e2
-            .connect(iroh::EndpointAddr::from(&addr1), SYNC_ALPN)
-            .await
-            .unwrap();
-        let mut rtts = Vec::new();
-        for i in 0..samples + 50 {
-            let t = Instant::now();
-            let (mut s, mut r) = conn.open_bi().await.unwrap();
-            s.write_all(&[7u8; 200]).await.unwrap();
-            s.finish().unwrap();
-            r.read_to_end(1024).await.unwrap();
-            if i >= 50 {
-                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    let samples = if quick() { 100 } else { 1000 };
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    // Baseline 1: a bare iroh request/response on a new stream.
+    let (k1, k2) = (iroh::SecretKey::generate(), iroh::SecretKey::generate());
+    let e1 = bind(k1.clone(), loopback).await.unwrap();
+    let e2 = bind(k2.clone(), loopback).await.unwrap();
+    let addr1 = PeerAddr {
+        id: k1.public(),
+        addr: e1.bound_sockets()[0],
+    };
+    let echo = tokio::spawn({
+        let e1 = e1.clone();
+        async move {
+            let conn = e1.accept().await.unwrap().await.unwrap();
+            while let Ok((mut s, mut r)) = conn.accept_bi().await {
+                let got = r.read_to_end(1024).await.unwrap();
+                s.write_all(&got).await.unwrap();
+                s.finish().unwrap();
             }
         }
-        conn.close(0u32.into(), b"done");
-        echo.abort();
-        e1.close().await;
-        e2.close().await;
-        rtts.sort_by(f64::total_cmp);
-        // Baseline 2: one raw RocksDB write (a 200-byte value, WAL on, no fsync).
-        let dw = tmp("live-raw");
-        let db = rocksdb::DB::open_default(&dw).unwrap();
-        let mut writes = Vec::new();
-        for i in 0..samples {
-            let t = Instant::now();
-            let mut batch = rocksdb::WriteBatch::default();
-            batch.put(format!("key-{i}"), [9u8; 200]);
-            db.write(batch).unwrap();
-            writes.push(t.elapsed().as_secs_f64() * 1e6);
+    });
+    let conn = e2
+        .connect(iroh::EndpointAddr::from(&addr1), SYNC_ALPN)
+        .await
+        .unwrap();
+    let mut rtts = Vec::new();
+    for i in 0..samples + 50 {
+        let t = Instant::now();
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        s.write_all(&[7u8; 200]).await.unwrap();
+        s.finish().unwrap();
+        r.read_to_end(1024).await.unwrap();
+        if i >= 50 {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
         }
-        drop(db);
-        let _ = std::fs::remove_dir_all(&dw);
-        writes.sort_by(f64::total_cmp);
-
-        // The engine: commit at the cloud to persisted at the edge.
-        let roster = {
-            let mut r = Roster::new();
-            r.insert(PeerId::from(k1.public()), Role::Cloud);
-            r.insert(
-                PeerId::from(k2.public()),
-                Role::Edge {
-                    node: "edge-1".into(),
-                    site: None,
-                },
-            );
-            r
-        };
-        let (da, db_) = (tmp("live-a"), tmp("live-b"));
-        let (a, b) = engine_pair(&da, &db_, &k1, &k2, &roster);
-        let ea = bind(k1.clone(), loopback).await.unwrap();
-        let eb = bind(k2.clone(), loopback).await.unwrap();
-        let a_addr = PeerAddr {
-            id: k1.public(),
-            addr: ea.bound_sockets()[0],
-        };
-        tokio::spawn({
-            let a = a.clone();
-            let ea = ea.clone();
-            async move { a.accept_loop(ea).await }
-        });
-        tokio::spawn({
-            let b = b.clone();
-            let eb = eb.clone();
-            async move { b.dial_loop(eb, a_addr).await }
-        });
-        while a.connected().is_empty() || b.connected().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let (lags, locals) = propagation(&a, &b, samples).await;
-        ea.close().await;
-        eb.close().await;
-        let base = percentile(&rtts, 0.5) + percentile(&writes, 0.5);
-        let p99 = percentile(&lags, 0.99);
-        row(
-            &format!("live propagation over iroh{variant}, commit to persisted (p50 / p99)"),
-            format!(
-                "{:.0} / {:.0} us (the local diff, commit and write before it: p50 {:.0} us)",
-                percentile(&lags, 0.5),
-                p99,
-                percentile(&locals, 0.5)
-            ),
-            format!(
-                "iroh RTT p50 {:.0} us + RocksDB write p50 {:.0} us = {:.0} us",
-                percentile(&rtts, 0.5),
-                percentile(&writes, 0.5),
-                base
-            ),
-            format!("p99 = {:.2} x", p99 / base),
-            "p99 <= 3 x (RTT + write)",
-            p99 <= 3.0 * base,
-        );
-        drop((a, b));
-        let _ = std::fs::remove_dir_all(da);
-        let _ = std::fs::remove_dir_all(db_);
-
-        // The same engines over the in-memory transport: what the engine
-        // itself costs, without QUIC.
-        let (da, db_) = (tmp("live-mem-a"), tmp("live-mem-b"));
-        let (a, b) = engine_pair(&da, &db_, &k1, &k2, &roster);
-        let _link = memory::connect(&b, &a, memory::DEFAULT_LINK_BUFFER);
-        while a.connected().is_empty() || b.connected().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let (lags, locals) = propagation(&a, &b, samples).await;
-        row(
-            &format!(
-                "live propagation in-process (memory transport){variant}, commit to persisted (p50 / p99)"
-            ),
-            format!(
-                "{:.0} / {:.0} us (local write p50 {:.0} us)",
-                percentile(&lags, 0.5),
-                percentile(&lags, 0.99),
-                percentile(&locals, 0.5)
-            ),
-            "-".into(),
-            "-".into(),
-            "(for analysis)",
-            true,
-        );
-        drop((a, b));
-        let _ = std::fs::remove_dir_all(da);
-        let _ = std::fs::remove_dir_all(db_);
     }
+    conn.close(0u32.into(), b"done");
+    echo.abort();
+    e1.close().await;
+    e2.close().await;
+    rtts.sort_by(f64::total_cmp);
+    // Baseline 2: one raw RocksDB write (a 200-byte value, WAL on, no fsync).
+    let dw = tmp("live-raw");
+    let db = rocksdb::DB::open_default(&dw).unwrap();
+    let mut writes = Vec::new();
+    for i in 0..samples {
+        let t = Instant::now();
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(format!("key-{i}"), [9u8; 200]);
+        db.write(batch).unwrap();
+        writes.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dw);
+    writes.sort_by(f64::total_cmp);
+
+    // The engine: commit at the cloud to persisted at the edge.
+    let roster = {
+        let mut r = Roster::new();
+        r.insert(PeerId::from(k1.public()), Role::Cloud);
+        r.insert(
+            PeerId::from(k2.public()),
+            Role::Edge {
+                node: "edge-1".into(),
+                site: None,
+            },
+        );
+        r
+    };
+    let (da, db_) = (tmp("live-a"), tmp("live-b"));
+    let (a, b) = engine_pair(&da, &db_, &k1, &k2, &roster);
+    let ea = bind(k1.clone(), loopback).await.unwrap();
+    let eb = bind(k2.clone(), loopback).await.unwrap();
+    let a_addr = PeerAddr {
+        id: k1.public(),
+        addr: ea.bound_sockets()[0],
+    };
+    tokio::spawn({
+        let a = a.clone();
+        let ea = ea.clone();
+        async move { a.accept_loop(ea).await }
+    });
+    tokio::spawn({
+        let b = b.clone();
+        let eb = eb.clone();
+        async move { b.dial_loop(eb, a_addr).await }
+    });
+    while a.connected().is_empty() || b.connected().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (lags, locals) = propagation(&a, &b, samples).await;
+    ea.close().await;
+    eb.close().await;
+    let base = percentile(&rtts, 0.5) + percentile(&writes, 0.5);
+    let p99 = percentile(&lags, 0.99);
+    row(
+        &format!("live propagation over iroh{variant}, commit to persisted (p50 / p99)"),
+        format!(
+            "{:.0} / {:.0} us (the local diff, commit and write before it: p50 {:.0} us)",
+            percentile(&lags, 0.5),
+            p99,
+            percentile(&locals, 0.5)
+        ),
+        format!(
+            "iroh RTT p50 {:.0} us + RocksDB write p50 {:.0} us = {:.0} us",
+            percentile(&rtts, 0.5),
+            percentile(&writes, 0.5),
+            base
+        ),
+        format!("p99 = {:.2} x", p99 / base),
+        "p99 <= 3 x (RTT + write)",
+        p99 <= 3.0 * base,
+    );
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(da);
+    let _ = std::fs::remove_dir_all(db_);
+
+    // The same engines over the in-memory transport: what the engine
+    // itself costs, without QUIC.
+    let (da, db_) = (tmp("live-mem-a"), tmp("live-mem-b"));
+    let (a, b) = engine_pair(&da, &db_, &k1, &k2, &roster);
+    let _link = memory::connect(&b, &a, memory::DEFAULT_LINK_BUFFER);
+    while a.connected().is_empty() || b.connected().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (lags, locals) = propagation(&a, &b, samples).await;
+    row(
+        &format!(
+            "live propagation in-process (memory transport){variant}, commit to persisted (p50 / p99)"
+        ),
+        format!(
+            "{:.0} / {:.0} us (local write p50 {:.0} us)",
+            percentile(&lags, 0.5),
+            percentile(&lags, 0.99),
+            percentile(&locals, 0.5)
+        ),
+        "-".into(),
+        "-".into(),
+        "(for analysis)",
+        true,
+    );
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(da);
+    let _ = std::fs::remove_dir_all(db_);
 }
 
 /// Two engines on fresh replicas, keyed by `k1` and `k2`.
