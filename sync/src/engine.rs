@@ -8,7 +8,7 @@
 //! or backlogged peer never makes the others wait: every peer has its own
 //! task and its own bounded work.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -318,9 +318,7 @@ impl Engine {
         info!(%peer, "sync session open");
 
         let writer = async {
-            // Acknowledgements held back to go out together (see ACK_DELAY).
-            let mut held: Vec<Item> = Vec::new();
-            let mut held_until: Option<tokio::time::Instant> = None;
+            let mut held = HeldAcks::default();
             loop {
                 let next = {
                     let _pass = self.gate.enter().await;
@@ -344,31 +342,18 @@ impl Engine {
                         .set(w as f64 / 1000.0);
                     msg
                 };
-                let mut out = Vec::with_capacity(2);
-                match next {
+                let out = match next {
                     Some(Message::Ack(items)) => {
-                        hold_acks(&mut held, items);
-                        if held.len() < ACKS_HELD_MAX {
-                            held_until
-                                .get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+                        if held.hold(items) < ACKS_HELD_MAX {
                             continue;
                         }
-                        out.push(Message::Ack(std::mem::take(&mut held)));
-                        held_until = None;
+                        vec![held.release()]
                     }
-                    Some(msg) => {
-                        // Anything else carries the held acknowledgements along.
-                        if !held.is_empty() {
-                            out.push(Message::Ack(std::mem::take(&mut held)));
-                            held_until = None;
-                        }
-                        out.push(msg);
-                    }
-                    None => match held_until {
-                        Some(due) if tokio::time::Instant::now() >= due => {
-                            out.push(Message::Ack(std::mem::take(&mut held)));
-                            held_until = None;
-                        }
+                    // Anything else carries the held acknowledgements along.
+                    Some(msg) if held.until.is_none() => vec![msg],
+                    Some(msg) => vec![held.release(), msg],
+                    None => match held.until {
+                        Some(due) if tokio::time::Instant::now() >= due => vec![held.release()],
                         Some(due) => {
                             let _ = tokio::time::timeout_at(due, wake.notified()).await;
                             continue;
@@ -380,7 +365,7 @@ impl Engine {
                             continue;
                         }
                     },
-                }
+                };
                 let mut frames = Vec::new();
                 for msg in &out {
                     let bytes = encode(msg);
@@ -671,19 +656,36 @@ fn mark_dirty(
     }
 }
 
+/// Acknowledgements a session's writer holds back to send together (see
+/// [`ACK_DELAY`]), the latest per document.
+#[derive(Default)]
+struct HeldAcks {
+    items: BTreeMap<DocId, Item>,
+    /// When they are due; `None` when none are held.
+    until: Option<tokio::time::Instant>,
+}
+
+impl HeldAcks {
+    /// Holds `items` (due `ACK_DELAY` after the first held); returns how
+    /// many documents' acknowledgements are held.
+    fn hold(&mut self, items: Vec<Item>) -> usize {
+        self.items
+            .extend(items.into_iter().map(|item| (item.doc.clone(), item)));
+        self.until
+            .get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+        self.items.len()
+    }
+
+    /// All held, as one message; none are held after.
+    fn release(&mut self) -> Message {
+        self.until = None;
+        Message::Ack(std::mem::take(&mut self.items).into_values().collect())
+    }
+}
+
 /// Wakes the writers [`mark_dirty`] collected.
 fn wake_all(wakes: Vec<Arc<Notify>>) {
     for wake in wakes {
         wake.notify_one();
-    }
-}
-
-/// Adds acknowledgements to those held, one per document (the latest).
-fn hold_acks(held: &mut Vec<Item>, items: Vec<Item>) {
-    for item in items {
-        match held.iter_mut().find(|h| h.doc == item.doc) {
-            Some(h) => *h = item,
-            None => held.push(item),
-        }
     }
 }
