@@ -118,7 +118,14 @@ struct Node {
 struct Slot {
     conn: u64,
     session: Session,
+    /// Simulated time of the first acknowledgement not saved yet: the
+    /// engine saves them a second later (and when the session ends).
+    acks_since: Option<u64>,
 }
+
+/// How long a session's received acknowledgements stay unsaved, as in the
+/// engine.
+const ACK_SAVE_DELAY_MS: u64 = 1000;
 
 struct Conn {
     /// The dialler and the acceptor.
@@ -916,8 +923,22 @@ impl World {
             "protocol",
             format!("session of {a} with {b} failed: {reason}"),
         );
-        self.nodes[n].sessions.remove(&peer);
+        self.end_session(n, peer);
         self.doom(conn, [true, true], 0);
+    }
+
+    /// Removes node `n`'s session with `peer`, saving the acknowledgements
+    /// it holds, as the engine does when a session ends.
+    fn end_session(&mut self, n: usize, peer: usize) {
+        let node = &mut self.nodes[n];
+        let (Some(mut slot), Some(replica)) = (node.sessions.remove(&peer), node.replica.as_ref())
+        else {
+            return;
+        };
+        if let Err(e) = slot.session.save_acks(replica) {
+            let name = node.name.clone();
+            self.fail("store", format!("{name} cannot save acknowledgements: {e}"));
+        }
     }
 
     fn send(&mut self, conn_id: u64, from: usize, msg: Message) {
@@ -1006,7 +1027,15 @@ impl World {
             return;
         };
         let t = tokio::time::Instant::now();
-        let handled = slot.session.handle(msg, replica, &self.roster);
+        let mut handled = slot.session.handle(msg, replica, &self.roster);
+        if slot.session.unsaved_acks() == 0 {
+            slot.acks_since = None;
+        } else if self.now >= *slot.acks_since.get_or_insert(self.now) + ACK_SAVE_DELAY_MS {
+            slot.acks_since = None;
+            if let Err(e) = slot.session.save_acks(replica) {
+                handled = Err(e);
+            }
+        }
         *self.stats.host_ns.entry("handle").or_insert(0) += t.elapsed().as_nanos() as u64;
         let events = match handled {
             Ok(events) => events,
@@ -1142,9 +1171,22 @@ impl World {
             match started {
                 Ok(session) => {
                     // A new connection replaces the previous session with that peer.
-                    let old = node.sessions.insert(peer, Slot { conn: id, session });
-                    if let Some(old) = old.filter(|o| o.conn != id) {
-                        self.doom(old.conn, [true, true], 0);
+                    let old = node.sessions.insert(
+                        peer,
+                        Slot {
+                            conn: id,
+                            session,
+                            acks_since: None,
+                        },
+                    );
+                    if let Some(mut old) = old {
+                        if let Err(e) = old.session.save_acks(replica) {
+                            let name = node.name.clone();
+                            self.fail("store", format!("{name} cannot save acknowledgements: {e}"));
+                        }
+                        if old.conn != id {
+                            self.doom(old.conn, [true, true], 0);
+                        }
                     }
                 }
                 Err(e) => {
@@ -1188,7 +1230,7 @@ impl World {
         }
         let peer = if n == d { a } else { d };
         if self.nodes[n].sessions.get(&peer).map(|s| s.conn) == Some(id) {
-            self.nodes[n].sessions.remove(&peer);
+            self.end_session(n, peer);
         }
         if n == d && self.nodes[d].state == State::Up {
             let mine = self.links.get(&(d, a)).and_then(|l| l.conn) == Some(id);

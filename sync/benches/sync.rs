@@ -271,6 +271,12 @@ async fn live_runs(variant: &'static str) {
     let _ = std::fs::remove_dir_all(&dw);
     writes.sort_by(f64::total_cmp);
 
+    // The floor (for analysis): the least the engine's path can cost. One
+    // length-prefixed frame on a long-lived stream; the receiver writes it
+    // to RocksDB and tells a subscriber over a broadcast channel, as the
+    // engine tells this benchmark.
+    let floor = live_floor(&k1, &k2, samples).await;
+
     // The engine: commit at the cloud to persisted at the edge.
     let roster = {
         let mut r = Roster::new();
@@ -328,6 +334,23 @@ async fn live_runs(variant: &'static str) {
         "p99 <= 3 x (RTT + write)",
         p99 <= 3.0 * base,
     );
+    row(
+        &format!(
+            "live propagation floor over iroh{variant}: a frame on a long-lived stream, one RocksDB write, a subscriber woken (p50 / p99)"
+        ),
+        format!(
+            "{:.0} / {:.0} us",
+            percentile(&floor, 0.5),
+            percentile(&floor, 0.99)
+        ),
+        format!("engine p99 {p99:.0} us"),
+        format!(
+            "engine p99 = {:.2} x floor p99",
+            p99 / percentile(&floor, 0.99)
+        ),
+        "(for analysis)",
+        true,
+    );
     drop((a, b));
     let _ = std::fs::remove_dir_all(da);
     let _ = std::fs::remove_dir_all(db_);
@@ -359,6 +382,69 @@ async fn live_runs(variant: &'static str) {
     drop((a, b));
     let _ = std::fs::remove_dir_all(da);
     let _ = std::fs::remove_dir_all(db_);
+}
+
+/// [`live_runs`]' floor: `samples` frames from `k2`'s endpoint to `k1`'s
+/// on one stream, each written to RocksDB and announced on a broadcast
+/// channel before the next is sent. Returns sorted times, us.
+async fn live_floor(k1: &iroh::SecretKey, k2: &iroh::SecretKey, samples: usize) -> Vec<f64> {
+    use outpost_sync::transport::iroh::{PeerAddr, SYNC_ALPN, bind};
+    use tokio::io::AsyncWriteExt;
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let e1 = bind(k1.clone(), loopback).await.unwrap();
+    let e2 = bind(k2.clone(), loopback).await.unwrap();
+    let addr1 = PeerAddr {
+        id: k1.public(),
+        addr: e1.bound_sockets()[0],
+    };
+    let dir = tmp("live-floor");
+    let db = rocksdb::DB::open_default(&dir).unwrap();
+    let (tx, mut rx) = tokio::sync::broadcast::channel::<u32>(64);
+    let sink = tokio::spawn({
+        let e1 = e1.clone();
+        async move {
+            let conn = e1.accept().await.unwrap().await.unwrap();
+            let (_send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut len = [0u8; 4];
+            let mut buf = Vec::new();
+            while recv.read_exact(&mut len).await.is_ok() {
+                buf.resize(u32::from_be_bytes(len) as usize, 0);
+                recv.read_exact(&mut buf).await.unwrap();
+                let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                let mut batch = rocksdb::WriteBatch::default();
+                batch.put(format!("key-{seq}"), &buf);
+                db.write(batch).unwrap();
+                let _ = tx.send(seq);
+            }
+            drop(db);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    });
+    let conn = e2
+        .connect(iroh::EndpointAddr::from(&addr1), SYNC_ALPN)
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let mut times = Vec::new();
+    for i in 0..(samples + 50) as u32 {
+        // About the size of one pod-spec change with its framing.
+        let mut frame = 300u32.to_be_bytes().to_vec();
+        frame.extend_from_slice(&i.to_be_bytes());
+        frame.resize(304, 7);
+        let t = Instant::now();
+        send.write_all(&frame).await.unwrap();
+        send.flush().await.unwrap();
+        while rx.recv().await.unwrap() != i {}
+        if i >= 50 {
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    conn.close(0u32.into(), b"done");
+    let _ = sink.await;
+    e1.close().await;
+    e2.close().await;
+    times.sort_by(f64::total_cmp);
+    times
 }
 
 /// Two engines on fresh replicas, keyed by `k1` and `k2`.

@@ -60,6 +60,10 @@ const CONFLICTS_REMEMBERED: usize = 4096;
 /// more.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
+/// How long the acknowledgements a session receives stay unsaved at most
+/// (see [`Session::save_acks`]).
+const ACK_SAVE_DELAY: Duration = Duration::from_secs(1);
+
 /// Documents whose acknowledgements are held at most (a few hundred KB):
 /// more go out at once.
 const ACKS_HELD_MAX: usize = 4096;
@@ -300,6 +304,10 @@ impl Engine {
                     epoch,
                 },
             ) {
+                let mut old = old;
+                if let Err(e) = old.session.save_acks(&inner.replica) {
+                    warn!(%peer, error = %e, "cannot save the replaced session's acknowledgements");
+                }
                 old.wake.notify_one();
             }
             (wake, epoch)
@@ -319,6 +327,8 @@ impl Engine {
 
         let writer = async {
             let mut held = HeldAcks::default();
+            // When the peer's unsaved acknowledgements are to be saved.
+            let mut save_due: Option<tokio::time::Instant> = None;
             loop {
                 let next = {
                     let _pass = self.gate.enter().await;
@@ -330,6 +340,16 @@ impl Engine {
                     let msg = slot
                         .session
                         .poll_transmit(&mut inner.replica, &inner.roster)?;
+                    if slot.session.unsaved_acks() == 0 {
+                        save_due = None;
+                    } else {
+                        let now = tokio::time::Instant::now();
+                        let due = *save_due.get_or_insert(now + ACK_SAVE_DELAY);
+                        if now >= due {
+                            slot.session.save_acks(&inner.replica)?;
+                            save_due = None;
+                        }
+                    }
                     self.metrics
                         .pending_documents
                         .get_or_create(&label)
@@ -354,14 +374,15 @@ impl Engine {
                     Some(msg) => vec![held.release(), msg],
                     None => match held.until {
                         Some(due) if tokio::time::Instant::now() >= due => vec![held.release()],
-                        Some(due) => {
-                            let _ = tokio::time::timeout_at(due, wake.notified()).await;
-                            continue;
-                        }
                         // Idle: wake now and then to refresh the watermark, so
                         // that a caught-up peer's watermark age stays near zero.
-                        None => {
-                            let _ = tokio::time::timeout(IDLE_REFRESH, wake.notified()).await;
+                        until => {
+                            let due = [until, save_due]
+                                .into_iter()
+                                .flatten()
+                                .min()
+                                .unwrap_or_else(|| tokio::time::Instant::now() + IDLE_REFRESH);
+                            let _ = tokio::time::timeout_at(due, wake.notified()).await;
                             continue;
                         }
                     },
@@ -614,7 +635,11 @@ impl Drop for SessionSlot<'_> {
             .get(&self.peer)
             .is_some_and(|s| s.epoch == self.epoch)
         {
-            inner.peers.remove(&self.peer);
+            if let Some(mut slot) = inner.peers.remove(&self.peer)
+                && let Err(e) = slot.session.save_acks(&inner.replica)
+            {
+                warn!(peer = %self.peer, error = %e, "cannot save the session's acknowledgements");
+            }
             // A closed session has no pending documents or watermark: its
             // series go, so that a peer gone for good raises no alert.
             let label = PeerLabel::of(&self.peer);

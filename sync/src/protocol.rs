@@ -55,6 +55,8 @@ const MAX_DEPTH: u8 = 16;
 const OUTBOX_MAX: usize = 1024;
 /// Bytes of changes put in one message, about.
 const CHANGES_BATCH_BYTES: usize = 256 << 10;
+/// Acknowledgements a session keeps unsaved at most: more are saved at once.
+pub const ACKS_UNSAVED_MAX: usize = 4096;
 
 /// One bucket of the hash tree and the sender's fingerprint of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +236,9 @@ pub struct Session {
     unacked: HashMap<DocId, i64>,
     /// What the peer told us it has, in this session.
     theirs: HashMap<DocId, (u64, Vec<[u8; 32]>)>,
+    /// The peer's acknowledgements not yet saved in the store
+    /// ([`Session::save_acks`]), the latest per document.
+    acks_unsaved: HashMap<DocId, crate::store::PeerAck>,
     stats: SessionStats,
 }
 
@@ -251,6 +256,7 @@ impl Session {
             sent: HashMap::new(),
             unacked: HashMap::new(),
             theirs: HashMap::new(),
+            acks_unsaved: HashMap::new(),
             stats: SessionStats::default(),
         })
     }
@@ -268,6 +274,52 @@ impl Session {
     /// Documents waiting to be pushed.
     pub fn pending(&self) -> usize {
         self.dirty.len()
+    }
+
+    /// Documents whose latest acknowledgement from the peer is not saved yet.
+    pub fn unsaved_acks(&self) -> usize {
+        self.acks_unsaved.len()
+    }
+
+    /// Saves the peer's acknowledgements received since the last save, in
+    /// one write.
+    ///
+    /// An acknowledgement only tells what to send the peer next time, when
+    /// its heads are not known: one lost in a crash makes a later session
+    /// send changes the peer already has, which it ignores. So they are kept
+    /// in memory and saved now and then (the engine does it a second after
+    /// the first unsaved one, and when the session ends), not in a write of
+    /// their own each, which would hold up the changes sent meanwhile.
+    /// [`Session::handle`] saves them itself when [`ACKS_UNSAVED_MAX`] are held.
+    pub fn save_acks(&mut self, replica: &Replica) -> Result<(), SessionError> {
+        if self.acks_unsaved.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for (doc, (generation, heads)) in &self.acks_unsaved {
+            replica
+                .store()
+                .stage_peer_ack(&mut batch, &self.peer.0, doc, *generation, heads);
+        }
+        replica.store().commit(batch).map_err(ReplicaError::from)?;
+        self.acks_unsaved.clear();
+        Ok(())
+    }
+
+    /// What the peer acknowledged of `doc`: the unsaved acknowledgement, or
+    /// the saved one.
+    fn acked(
+        &self,
+        replica: &Replica,
+        doc: &DocId,
+    ) -> Result<Option<crate::store::PeerAck>, SessionError> {
+        if let Some(ack) = self.acks_unsaved.get(doc) {
+            return Ok(Some(ack.clone()));
+        }
+        Ok(replica
+            .store()
+            .peer_ack(&self.peer.0, doc)
+            .map_err(ReplicaError::from)?)
     }
 
     /// Commit time (ms since the epoch) of the oldest change sent to the peer
@@ -609,18 +661,12 @@ impl Session {
                 }
             }
             Message::Ack(items) => {
-                let mut batch = Batch::default();
                 for item in items {
                     if !shared(roster, &me, &self.peer, &item.doc) {
                         continue;
                     }
-                    replica.store().stage_peer_ack(
-                        &mut batch,
-                        &self.peer.0,
-                        &item.doc,
-                        item.generation,
-                        &item.heads,
-                    );
+                    self.acks_unsaved
+                        .insert(item.doc.clone(), (item.generation, item.heads.clone()));
                     if let Some((g, heads)) = self.sent.get(&item.doc) {
                         let covered = item.generation > *g
                             || (item.generation == *g
@@ -631,7 +677,9 @@ impl Session {
                     }
                     self.theirs.insert(item.doc, (item.generation, item.heads));
                 }
-                replica.store().commit(batch).map_err(ReplicaError::from)?;
+                if self.acks_unsaved.len() >= ACKS_UNSAVED_MAX {
+                    self.save_acks(replica)?;
+                }
             }
             Message::Need(item) => {
                 if shared(roster, &me, &self.peer, &item.doc) {
@@ -696,10 +744,7 @@ impl Session {
                 break;
             };
             let doc = key.1;
-            let acked = replica
-                .store()
-                .peer_ack(&self.peer.0, &doc)
-                .map_err(ReplicaError::from)?;
+            let acked = self.acked(replica, &doc)?;
             let (their_gen, their_heads) = self
                 .theirs
                 .get(&doc)
