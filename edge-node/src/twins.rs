@@ -115,7 +115,125 @@ pub struct DeviceTwin {
     /// Why the device is not served or last went offline.
     pub error: Option<String>,
     /// Its properties by name.
-    pub properties: BTreeMap<String, PropertyTwin>,
+    pub properties: PropertyMap,
+}
+
+/// A device's properties by name, in name order, in one vector.
+///
+/// A `BTreeMap` allocates room for eleven entries in its first node however
+/// few it holds: 2.5 KB for a device with one property, 2.5 MB for a
+/// thousand such devices. Devices have a few properties to a few dozen, so a
+/// sorted vector searched by halves is as quick.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PropertyMap(Vec<(String, PropertyTwin)>);
+
+impl PropertyMap {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
+    /// The property called `name`.
+    pub fn get(&self, name: &str) -> Option<&PropertyTwin> {
+        self.find(name).ok().map(|i| &self.0[i].1)
+    }
+
+    /// The property called `name`, to change.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut PropertyTwin> {
+        self.find(name).ok().map(|i| &mut self.0[i].1)
+    }
+
+    /// Whether there is a property called `name`.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    /// Adds or replaces a property; returns the one replaced.
+    pub fn insert(&mut self, name: String, property: PropertyTwin) -> Option<PropertyTwin> {
+        match self.find(&name) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, property)),
+            Err(i) => {
+                self.0.insert(i, (name, property));
+                None
+            }
+        }
+    }
+
+    /// Keeps the properties `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut PropertyTwin) -> bool) {
+        self.0.retain_mut(|(n, p)| keep(n, p));
+    }
+
+    /// Frees the room no property uses.
+    pub fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
+
+    /// The properties, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &PropertyTwin)> {
+        self.0.iter().map(|(n, p)| (n, p))
+    }
+
+    /// The properties, in name order, to change.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut PropertyTwin)> {
+        self.0.iter_mut().map(|(n, p)| (&*n, p))
+    }
+
+    /// The names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(n, _)| n)
+    }
+
+    /// How many properties there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Index<&str> for PropertyMap {
+    type Output = PropertyTwin;
+
+    /// The property called `name`; panics when there is none, as a map's
+    /// index does (for tests and callers that checked).
+    fn index(&self, name: &str) -> &PropertyTwin {
+        match self.get(name) {
+            Some(p) => p,
+            None => panic!("no property {name:?}"),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a PropertyMap {
+    type Item = (&'a String, &'a PropertyTwin);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, PropertyTwin)>,
+        fn(&'a (String, PropertyTwin)) -> (&'a String, &'a PropertyTwin),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(n, p)| (n, p))
+    }
+}
+
+impl FromIterator<(String, PropertyTwin)> for PropertyMap {
+    fn from_iter<I: IntoIterator<Item = (String, PropertyTwin)>>(iter: I) -> Self {
+        let mut map = PropertyMap::default();
+        for (name, property) in iter {
+            map.insert(name, property);
+        }
+        map.shrink_to_fit();
+        map
+    }
+}
+
+impl Serialize for PropertyMap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
 }
 
 impl DeviceTwin {
@@ -286,14 +404,18 @@ struct Pending {
 /// map ([`Manager::twins`]), and changed there in place.
 struct Running {
     ids: DocIds,
-    /// What the driver was built from: a change restarts it.
-    fingerprint: String,
+    /// A hash of what the driver was built from: a change restarts it.
+    /// `None` forces a restart.
+    fingerprint: Option<blake3::Hash>,
     handle: Option<DeviceHandle>,
+    /// Its protocol, as the device document names it.
+    protocol: String,
     /// The socket of the external mapper serving it, instead of a driver.
     external: Option<PathBuf>,
-    /// The documents it was started from (for the external mapper's messages).
-    desired_doc: DeviceDesiredDoc,
-    model_doc: Option<DeviceModelDoc>,
+    /// With an external mapper: the documents it was started from, for the
+    /// mapper's messages. A device served in-process keeps none (with a
+    /// thousand devices, a megabyte).
+    external_docs: Option<Box<(DeviceDesiredDoc, Option<DeviceModelDoc>)>>,
     report_every: Duration,
     next_report: Instant,
     /// Properties written to the reported document.
@@ -529,11 +651,17 @@ impl Manager {
         let model = self.read_model(&ns, &desired.model);
         let mut config = desired.clone();
         config.slots.clear();
-        let fingerprint = serde_json::to_string(&(&config, &model)).unwrap_or_default();
+        // Hashed: the JSON of a device and its model is a kilobyte, and one
+        // is kept per device.
+        let fingerprint = blake3::hash(
+            serde_json::to_string(&(&config, &model))
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         let restart = self
             .devices
             .get(&id)
-            .is_none_or(|d| d.fingerprint != fingerprint);
+            .is_none_or(|d| d.fingerprint != Some(fingerprint));
         if restart {
             self.start(&id, ids, fingerprint, &desired, model);
         }
@@ -562,7 +690,7 @@ impl Manager {
         &mut self,
         id: &str,
         ids: DocIds,
-        fingerprint: String,
+        fingerprint: blake3::Hash,
         desired: &DeviceDesiredDoc,
         model: Result<DeviceModelDoc, String>,
     ) {
@@ -608,6 +736,7 @@ impl Manager {
             // Model properties the device does not bind are not read.
             twin.properties
                 .retain(|name, _| desired.properties.iter().any(|p| &p.name == name));
+            twin.properties.shrink_to_fit();
             spec::build(&device, &model_spec).map_err(|e| e.to_string())
         });
         if let Some(known) = known {
@@ -673,15 +802,18 @@ impl Manager {
             );
             crate::dmi::send_register(socket.clone(), messages);
         }
+        let external_docs = external
+            .is_some()
+            .then(|| Box::new((desired.clone(), model_doc)));
         self.devices.insert(
             id.to_owned(),
             Running {
                 ids,
-                fingerprint,
+                fingerprint: Some(fingerprint),
                 handle,
+                protocol: desired.protocol.protocol_name.clone(),
                 external,
-                desired_doc: desired.clone(),
-                model_doc,
+                external_docs,
                 report_every,
                 next_report: Instant::now(),
                 to_cloud,
@@ -709,12 +841,8 @@ impl Manager {
         if let Some(h) = &dev.handle {
             h.stop();
         }
-        if let Some(socket) = &dev.external {
-            crate::dmi::send_remove(
-                socket.clone(),
-                dev.desired_doc.namespace.clone(),
-                dev.desired_doc.name.clone(),
-            );
+        if let (Some(socket), Some(docs)) = (&dev.external, &dev.external_docs) {
+            crate::dmi::send_remove(socket.clone(), docs.0.namespace.clone(), docs.0.name.clone());
         }
         info!(device = %id, "device removed from this node: driver stopped");
         if let Err(e) = self.engine.delete(&dev.ids.reported) {
@@ -784,7 +912,7 @@ impl Manager {
             return;
         };
         let now = Instant::now();
-        if let Some(socket) = dev.external.clone() {
+        if let (Some(socket), Some(docs)) = (dev.external.clone(), &dev.external_docs) {
             if !self.announce {
                 return;
             }
@@ -802,7 +930,7 @@ impl Manager {
                 .collect();
             if !due.is_empty() {
                 let desired = desired_values(&self.twins, id);
-                let message = crate::dmi::device_proto(&dev.desired_doc, &desired);
+                let message = crate::dmi::device_proto(&docs.0, &desired);
                 crate::dmi::send_update(socket, id.to_owned(), message, due, self.done_tx.clone());
             }
             return;
@@ -969,17 +1097,12 @@ impl Manager {
                 let ids: Vec<String> = self
                     .devices
                     .iter()
-                    .filter(|(_, d)| {
-                        d.desired_doc
-                            .protocol
-                            .protocol_name
-                            .eq_ignore_ascii_case(&protocol)
-                    })
+                    .filter(|(_, d)| d.protocol.eq_ignore_ascii_case(&protocol))
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in &ids {
                     if let Some(d) = self.devices.get_mut(id) {
-                        d.fingerprint.clear();
+                        d.fingerprint = None;
                     }
                 }
                 // Restart them without announcing each: the reply does.
@@ -992,9 +1115,9 @@ impl Manager {
                     let Some(d) = self.devices.get_mut(&id) else {
                         continue;
                     };
-                    if d.external.is_none() {
+                    let (true, Some(docs)) = (d.external.is_some(), &d.external_docs) else {
                         continue; // its configuration cannot be used: not sent
-                    }
+                    };
                     let desired = desired_values(&self.twins, &id);
                     // The mapper writes these itself when it serves the device.
                     edit_twin(&self.twins, &self.changes, &id, |twin| {
@@ -1010,13 +1133,13 @@ impl Manager {
                         changed
                     });
                     d.pending.clear();
-                    if let Some(m) = &d.model_doc {
+                    if let Some(m) = &docs.1 {
                         models.insert(
                             (m.namespace.clone(), m.name.clone()),
                             crate::dmi::model_proto(m),
                         );
                     }
-                    devices.push(crate::dmi::device_proto(&d.desired_doc, &desired));
+                    devices.push(crate::dmi::device_proto(&docs.0, &desired));
                     d.dirty = true;
                 }
                 let _ = reply.send((models.into_values().collect(), devices));

@@ -404,7 +404,7 @@ impl Store {
                     .map_err(|e| self.corrupt(doc, "change chunk", e))?,
             );
         }
-        am.apply_changes_batch(changes)
+        apply_changes_quietly(&mut am, changes)
             .map_err(|e| self.corrupt(doc, "change chunk", e))?;
         Ok(Some((am, entry)))
     }
@@ -661,4 +661,18 @@ fn dir_size(path: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Applies `changes` to `doc` and drops what automerge recorded of them for
+/// patches: its batch apply records every operation even when nobody asked
+/// for patches, and a document kept in a cache would hold that record (a
+/// kilobyte per document, growing with every change applied) for as long as
+/// it stays there.
+pub(crate) fn apply_changes_quietly(
+    doc: &mut AutoCommit,
+    changes: Vec<Change>,
+) -> Result<(), automerge::AutomergeError> {
+    let applied = doc.apply_changes_batch(changes);
+    doc.reset_diff_cursor();
+    applied
 }
