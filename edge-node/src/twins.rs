@@ -842,7 +842,11 @@ impl Manager {
             h.stop();
         }
         if let (Some(socket), Some(docs)) = (&dev.external, &dev.external_docs) {
-            crate::dmi::send_remove(socket.clone(), docs.0.namespace.clone(), docs.0.name.clone());
+            crate::dmi::send_remove(
+                socket.clone(),
+                docs.0.namespace.clone(),
+                docs.0.name.clone(),
+            );
         }
         info!(device = %id, "device removed from this node: driver stopped");
         if let Err(e) = self.engine.delete(&dev.ids.reported) {
@@ -1366,6 +1370,34 @@ mod tests {
             report_cycle(&d, Duration::from_millis(700)),
             Duration::from_millis(700)
         );
+    }
+
+    #[test]
+    fn properties_stay_in_name_order_and_serialize_as_a_map() {
+        let p = |kind: &str| PropertyTwin {
+            kind: kind.into(),
+            ..Default::default()
+        };
+        let mut map: PropertyMap = [
+            ("temp".to_string(), p("FLOAT")),
+            ("fan".to_string(), p("INT")),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(map.insert("mode".into(), p("STRING")), None);
+        assert_eq!(
+            map.insert("fan".into(), p("BOOLEAN")).map(|old| old.kind),
+            Some("INT".into())
+        );
+        assert_eq!(map.keys().collect::<Vec<_>>(), ["fan", "mode", "temp"]);
+        assert_eq!(map["fan"].kind, "BOOLEAN");
+        assert!(map.get("nope").is_none() && !map.contains_key("nope"));
+        map.get_mut("mode").expect("mode").writable = true;
+        map.retain(|name, _| name != "temp");
+        assert_eq!(map.len(), 2);
+        let json = serde_json::to_value(&map).expect("json");
+        assert_eq!(json["mode"]["writable"], true);
+        assert_eq!(json.as_object().map(|o| o.len()), Some(2));
     }
 
     #[test]
