@@ -5,10 +5,12 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
+mod support;
+
 use std::time::Duration;
 
 use outpost_sync::PeerId;
-use outpost_sync::access::{Role, Roster};
+use outpost_sync::access::Roster;
 use outpost_sync::document::DocId;
 use outpost_sync::engine::Engine;
 use outpost_sync::metrics::SyncMetrics;
@@ -16,23 +18,8 @@ use outpost_sync::protocol::{ACKS_UNSAVED_MAX, Session};
 use outpost_sync::replica::{Replica, ReplicaOptions};
 use outpost_sync::transport::memory::{DEFAULT_LINK_BUFFER, connect};
 use serde_json::json;
+use support::{CLOUD, EDGE, roster};
 use tokio::time::Instant;
-
-const CLOUD: PeerId = PeerId([1; 32]);
-const EDGE: PeerId = PeerId([2; 32]);
-
-fn roster() -> Roster {
-    let mut r = Roster::new();
-    r.insert(CLOUD, Role::Cloud);
-    r.insert(
-        EDGE,
-        Role::Edge {
-            node: "edge-1".into(),
-            site: None,
-        },
-    );
-    r
-}
 
 fn dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("outpost-acks-{name}-{}", std::process::id()));

@@ -3,8 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
-use outpost_sync::PeerId;
-use outpost_sync::access::{Role, Roster};
+mod support;
+
 use outpost_sync::document::DocId;
 use outpost_sync::engine::Engine;
 use outpost_sync::metrics::SyncMetrics;
@@ -12,23 +12,8 @@ use outpost_sync::protocol::{Bucket, DocChanges, Item, Message, Session, decode,
 use outpost_sync::replica::{Replica, ReplicaOptions};
 use proptest::prelude::*;
 use serde_json::json;
+use support::{CLOUD, EDGE, roster};
 use tokio::io::AsyncWriteExt;
-
-const CLOUD: PeerId = PeerId([1; 32]);
-const EDGE: PeerId = PeerId([2; 32]);
-
-fn roster() -> Roster {
-    let mut r = Roster::new();
-    r.insert(CLOUD, Role::Cloud);
-    r.insert(
-        EDGE,
-        Role::Edge {
-            node: "edge-1".into(),
-            site: None,
-        },
-    );
-    r
-}
 
 fn replica(tag: &str) -> (Replica, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("outpost-bad-{tag}-{}", std::process::id()));

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a failure is the test failing
 
+mod support;
+
 use std::time::Duration;
 
 use outpost_sync::PeerId;
@@ -16,29 +18,14 @@ use outpost_sync::protocol::SessionError;
 use outpost_sync::replica::{Replica, ReplicaOptions};
 use outpost_sync::transport::memory::{DEFAULT_LINK_BUFFER, connect};
 use serde_json::{Value, json};
+use support::{CLOUD, EDGE, roster};
 use tokio::time::Instant;
-
-const CLOUD: PeerId = PeerId([1; 32]);
-const EDGE: PeerId = PeerId([2; 32]);
 
 fn engine(name: &str, me: PeerId, roster: &Roster) -> Engine {
     let dir = std::env::temp_dir().join(format!("outpost-memeng-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let replica = Replica::open(&dir, me, ReplicaOptions::default()).unwrap();
     Engine::new(replica, roster.clone(), SyncMetrics::default())
-}
-
-fn roster() -> Roster {
-    let mut r = Roster::new();
-    r.insert(CLOUD, Role::Cloud);
-    r.insert(
-        EDGE,
-        Role::Edge {
-            node: "edge-1".into(),
-            site: None,
-        },
-    );
-    r
 }
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
