@@ -449,9 +449,10 @@ struct Manager {
     config: TwinConfig,
     /// External mappers by protocol (lower case): their sockets.
     externals: HashMap<String, PathBuf>,
-    /// Whether devices (re)started now are announced to their external
-    /// mapper (not while answering its registration).
-    announce: bool,
+    /// While an external mapper registers: its protocol. Devices of it
+    /// (re)started then are not announced one by one: the registration's
+    /// reply carries them all.
+    registering: Option<String>,
     devices: BTreeMap<String, Running>,
     reports_tx: mpsc::Sender<Report>,
     done_tx: mpsc::Sender<WriteDone>,
@@ -483,7 +484,7 @@ async fn run(
         engine,
         config,
         externals: HashMap::new(),
-        announce: true,
+        registering: None,
         devices: BTreeMap::new(),
         reports_tx,
         done_tx,
@@ -795,7 +796,9 @@ impl Manager {
             .map(|p| p.name.clone())
             .collect();
         let report_every = report_cycle(desired, collect);
-        if let (Some(socket), Some(model), true) = (&external, &model_doc, self.announce) {
+        if let (Some(socket), Some(model), true) =
+            (&external, &model_doc, self.announces(&twin.protocol))
+        {
             let messages = (
                 crate::dmi::model_proto(model),
                 crate::dmi::device_proto(desired, &BTreeMap::new()),
@@ -911,13 +914,25 @@ impl Manager {
         self.start_due_writes(id);
     }
 
+    /// Whether a device of `protocol` (re)started now is announced to its
+    /// external mapper.
+    fn announces(&self, protocol: &str) -> bool {
+        self.registering
+            .as_deref()
+            .is_none_or(|p| !p.eq_ignore_ascii_case(protocol))
+    }
+
     fn start_due_writes(&mut self, id: &str) {
+        let announces = self
+            .devices
+            .get(id)
+            .is_some_and(|d| self.announces(&d.protocol));
         let Some(dev) = self.devices.get_mut(id) else {
             return;
         };
         let now = Instant::now();
         if let (Some(socket), Some(docs)) = (dev.external.clone(), &dev.external_docs) {
-            if !self.announce {
+            if !announces {
                 return;
             }
             // One UpdateDevice carries every desired value; the mapper
@@ -1095,24 +1110,28 @@ impl Manager {
             } => {
                 info!(%protocol, socket = %socket.display(), "external mapper registered");
                 self.externals.insert(protocol.clone(), socket);
-                // Its devices restart as external ones (a fresh
-                // fingerprint forces it); none is announced twice: the
-                // reply carries them all.
+                // Its devices restart as external ones (no fingerprint
+                // forces it); none is announced twice: the reply carries
+                // them all.
+                for d in self.devices.values_mut() {
+                    if d.protocol.eq_ignore_ascii_case(&protocol) {
+                        d.fingerprint = None;
+                    }
+                }
+                // Restart them without announcing each: the reply does.
+                // Devices of other protocols that restart meanwhile are
+                // announced as usual.
+                self.registering = Some(protocol.clone());
+                self.sync_all();
+                self.registering = None;
+                // Collected after: a device of the protocol first started
+                // by this very sync is in the reply too.
                 let ids: Vec<String> = self
                     .devices
                     .iter()
                     .filter(|(_, d)| d.protocol.eq_ignore_ascii_case(&protocol))
                     .map(|(id, _)| id.clone())
                     .collect();
-                for id in &ids {
-                    if let Some(d) = self.devices.get_mut(id) {
-                        d.fingerprint = None;
-                    }
-                }
-                // Restart them without announcing each: the reply does.
-                self.announce = false;
-                self.sync_all();
-                self.announce = true;
                 let mut models = BTreeMap::new();
                 let mut devices = Vec::new();
                 for id in ids {

@@ -164,6 +164,13 @@ enum Ev {
     FaultEnd(usize),
     FlapToggle(usize, bool),
     Restart(usize),
+    /// Node `node` saves the acknowledgements its session of `conn` with
+    /// `peer` holds, as the engine's writer does a second after the first.
+    SaveAcks {
+        node: usize,
+        peer: usize,
+        conn: u64,
+    },
     Heal,
     Liveness,
     Check,
@@ -927,6 +934,24 @@ impl World {
         self.doom(conn, [true, true], 0);
     }
 
+    /// The timer of [`Ev::SaveAcks`]: saves the session's acknowledgements
+    /// if it is still the one of `conn`.
+    fn save_acks(&mut self, n: usize, peer: usize, conn: u64) {
+        let node = &mut self.nodes[n];
+        let (Some(replica), Some(slot)) = (node.replica.as_ref(), node.sessions.get_mut(&peer))
+        else {
+            return;
+        };
+        if slot.conn != conn {
+            return;
+        }
+        slot.acks_since = None;
+        if let Err(e) = slot.session.save_acks(replica) {
+            let name = node.name.clone();
+            self.fail("store", format!("{name} cannot save acknowledgements: {e}"));
+        }
+    }
+
     /// Removes node `n`'s session with `peer`, saving the acknowledgements
     /// it holds, as the engine does when a session ends.
     fn end_session(&mut self, n: usize, peer: usize) {
@@ -1027,16 +1052,27 @@ impl World {
             return;
         };
         let t = tokio::time::Instant::now();
-        let mut handled = slot.session.handle(msg, replica, &self.roster);
-        if slot.session.unsaved_acks() == 0 {
+        let handled = slot.session.handle(msg, replica, &self.roster);
+        let save_due = if slot.session.unsaved_acks() == 0 {
             slot.acks_since = None;
-        } else if self.now >= *slot.acks_since.get_or_insert(self.now) + ACK_SAVE_DELAY_MS {
-            slot.acks_since = None;
-            if let Err(e) = slot.session.save_acks(replica) {
-                handled = Err(e);
-            }
-        }
+            None
+        } else if slot.acks_since.is_none() {
+            slot.acks_since = Some(self.now);
+            Some(self.now + ACK_SAVE_DELAY_MS)
+        } else {
+            None
+        };
         *self.stats.host_ns.entry("handle").or_insert(0) += t.elapsed().as_nanos() as u64;
+        if let Some(at) = save_due {
+            self.schedule(
+                at,
+                Ev::SaveAcks {
+                    node: to,
+                    peer: from,
+                    conn: conn_id,
+                },
+            );
+        }
         let events = match handled {
             Ok(events) => events,
             Err(e) => {
@@ -1870,6 +1906,7 @@ impl World {
                 Ev::DupDial(d, a) => self.dial(d, a, true),
                 Ev::Open(id) => self.open_conn(id),
                 Ev::Closed { conn, node } => self.closed(conn, node),
+                Ev::SaveAcks { node, peer, conn } => self.save_acks(node, peer, conn),
                 Ev::Deliver { conn, dir, bytes } => self.deliver(conn, dir, bytes),
                 Ev::Report(n) => self.report_tick(n),
                 Ev::Api(c) => self.api(c),

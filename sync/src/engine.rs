@@ -60,8 +60,9 @@ const CONFLICTS_REMEMBERED: usize = 4096;
 /// more.
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
-/// How long the acknowledgements a session receives stay unsaved at most
-/// (see [`Session::save_acks`]).
+/// How long after the first unsaved acknowledgement a session saves those
+/// it received (see [`Session::save_acks`]): when its writer next runs after
+/// that, or sooner when the session ends or holds too many.
 const ACK_SAVE_DELAY: Duration = Duration::from_secs(1);
 
 /// Documents whose acknowledgements are held at most (a few hundred KB):
