@@ -410,18 +410,23 @@ struct Running {
     handle: Option<DeviceHandle>,
     /// Its protocol, as the device document names it.
     protocol: String,
-    /// The socket of the external mapper serving it, instead of a driver.
-    external: Option<PathBuf>,
-    /// With an external mapper: the documents it was started from, for the
-    /// mapper's messages. A device served in-process keeps none (with a
-    /// thousand devices, a megabyte).
-    external_docs: Option<Box<(DeviceDesiredDoc, Option<DeviceModelDoc>)>>,
+    /// The external mapper serving it, instead of a driver.
+    external: Option<Box<External>>,
     report_every: Duration,
     next_report: Instant,
     /// Properties written to the reported document.
     to_cloud: Vec<String>,
     dirty: bool,
     pending: HashMap<String, Pending>,
+}
+
+/// An external mapper serving a device, and the documents the device was
+/// started from, for the mapper's messages. Only such devices keep their
+/// documents (with a thousand devices served in-process, a megabyte).
+struct External {
+    socket: PathBuf,
+    desired: DeviceDesiredDoc,
+    model: Option<DeviceModelDoc>,
 }
 
 /// The end of a desired-value write.
@@ -796,18 +801,17 @@ impl Manager {
             .map(|p| p.name.clone())
             .collect();
         let report_every = report_cycle(desired, collect);
-        if let (Some(socket), Some(model), true) =
-            (&external, &model_doc, self.announces(&twin.protocol))
-        {
+        if let (Some(socket), Some(model), true) = (
+            &external,
+            &model_doc,
+            announces(self.registering.as_deref(), &twin.protocol),
+        ) {
             let messages = (
                 crate::dmi::model_proto(model),
                 crate::dmi::device_proto(desired, &BTreeMap::new()),
             );
             crate::dmi::send_register(socket.clone(), messages);
         }
-        let external_docs = external
-            .is_some()
-            .then(|| Box::new((desired.clone(), model_doc)));
         self.devices.insert(
             id.to_owned(),
             Running {
@@ -815,8 +819,13 @@ impl Manager {
                 fingerprint: Some(fingerprint),
                 handle,
                 protocol: desired.protocol.protocol_name.clone(),
-                external,
-                external_docs,
+                external: external.map(|socket| {
+                    Box::new(External {
+                        socket,
+                        desired: desired.clone(),
+                        model: model_doc,
+                    })
+                }),
                 report_every,
                 next_report: Instant::now(),
                 to_cloud,
@@ -844,11 +853,11 @@ impl Manager {
         if let Some(h) = &dev.handle {
             h.stop();
         }
-        if let (Some(socket), Some(docs)) = (&dev.external, &dev.external_docs) {
+        if let Some(ext) = &dev.external {
             crate::dmi::send_remove(
-                socket.clone(),
-                docs.0.namespace.clone(),
-                docs.0.name.clone(),
+                ext.socket.clone(),
+                ext.desired.namespace.clone(),
+                ext.desired.name.clone(),
             );
         }
         info!(device = %id, "device removed from this node: driver stopped");
@@ -914,25 +923,13 @@ impl Manager {
         self.start_due_writes(id);
     }
 
-    /// Whether a device of `protocol` (re)started now is announced to its
-    /// external mapper.
-    fn announces(&self, protocol: &str) -> bool {
-        self.registering
-            .as_deref()
-            .is_none_or(|p| !p.eq_ignore_ascii_case(protocol))
-    }
-
     fn start_due_writes(&mut self, id: &str) {
-        let announces = self
-            .devices
-            .get(id)
-            .is_some_and(|d| self.announces(&d.protocol));
         let Some(dev) = self.devices.get_mut(id) else {
             return;
         };
         let now = Instant::now();
-        if let (Some(socket), Some(docs)) = (dev.external.clone(), &dev.external_docs) {
-            if !announces {
+        if let Some(ext) = &dev.external {
+            if !announces(self.registering.as_deref(), &dev.protocol) {
                 return;
             }
             // One UpdateDevice carries every desired value; the mapper
@@ -949,8 +946,14 @@ impl Manager {
                 .collect();
             if !due.is_empty() {
                 let desired = desired_values(&self.twins, id);
-                let message = crate::dmi::device_proto(&docs.0, &desired);
-                crate::dmi::send_update(socket, id.to_owned(), message, due, self.done_tx.clone());
+                let message = crate::dmi::device_proto(&ext.desired, &desired);
+                crate::dmi::send_update(
+                    ext.socket.clone(),
+                    id.to_owned(),
+                    message,
+                    due,
+                    self.done_tx.clone(),
+                );
             }
             return;
         }
@@ -1138,7 +1141,7 @@ impl Manager {
                     let Some(d) = self.devices.get_mut(&id) else {
                         continue;
                     };
-                    let (true, Some(docs)) = (d.external.is_some(), &d.external_docs) else {
+                    let Some(ext) = &d.external else {
                         continue; // its configuration cannot be used: not sent
                     };
                     let desired = desired_values(&self.twins, &id);
@@ -1156,13 +1159,13 @@ impl Manager {
                         changed
                     });
                     d.pending.clear();
-                    if let Some(m) = &docs.1 {
+                    if let Some(m) = &ext.model {
                         models.insert(
                             (m.namespace.clone(), m.name.clone()),
                             crate::dmi::model_proto(m),
                         );
                     }
-                    devices.push(crate::dmi::device_proto(&docs.0, &desired));
+                    devices.push(crate::dmi::device_proto(&ext.desired, &desired));
                     d.dirty = true;
                 }
                 let _ = reply.send((models.into_values().collect(), devices));
@@ -1245,6 +1248,12 @@ fn edit_twin(
         let _ = changes.send(id.to_owned());
     }
     changed
+}
+
+/// Whether a device of `protocol` (re)started now is announced to its
+/// external mapper, while the mapper of `registering` (if any) registers.
+fn announces(registering: Option<&str>, protocol: &str) -> bool {
+    registering.is_none_or(|p| !p.eq_ignore_ascii_case(protocol))
 }
 
 /// A device's desired values by property.

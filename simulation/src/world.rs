@@ -127,6 +127,17 @@ struct Slot {
 /// engine.
 const ACK_SAVE_DELAY_MS: u64 = 1000;
 
+impl Slot {
+    /// Saves the acknowledgements the session holds, in node `node`'s
+    /// replica; a failure comes back worded for the report.
+    fn save_acks(&mut self, replica: &Replica, node: &str) -> Result<(), String> {
+        self.acks_since = None;
+        self.session
+            .save_acks(replica)
+            .map_err(|e| format!("{node} cannot save acknowledgements: {e}"))
+    }
+}
+
 struct Conn {
     /// The dialler and the acceptor.
     ends: [usize; 2],
@@ -945,10 +956,8 @@ impl World {
         if slot.conn != conn {
             return;
         }
-        slot.acks_since = None;
-        if let Err(e) = slot.session.save_acks(replica) {
-            let name = node.name.clone();
-            self.fail("store", format!("{name} cannot save acknowledgements: {e}"));
+        if let Err(failure) = slot.save_acks(replica, &node.name) {
+            self.fail("store", failure);
         }
     }
 
@@ -960,9 +969,8 @@ impl World {
         else {
             return;
         };
-        if let Err(e) = slot.session.save_acks(replica) {
-            let name = node.name.clone();
-            self.fail("store", format!("{name} cannot save acknowledgements: {e}"));
+        if let Err(failure) = slot.save_acks(replica, &node.name) {
+            self.fail("store", failure);
         }
     }
 
@@ -1216,9 +1224,8 @@ impl World {
                         },
                     );
                     if let Some(mut old) = old {
-                        if let Err(e) = old.session.save_acks(replica) {
-                            let name = node.name.clone();
-                            self.fail("store", format!("{name} cannot save acknowledgements: {e}"));
+                        if let Err(failure) = old.save_acks(replica, &node.name) {
+                            self.fail("store", failure);
                         }
                         if old.conn != id {
                             self.doom(old.conn, [true, true], 0);

@@ -21,10 +21,11 @@ use outpost_sync::protocol::{Session, encode};
 use outpost_sync::replica::{Replica, ReplicaOptions};
 use outpost_sync::transport::memory;
 use serde_json::json;
+use support::{CLOUD, EDGE, roster};
 use tokio::time::Instant;
 
-const CLOUD: PeerId = PeerId([1; 32]);
-const EDGE: PeerId = PeerId([2; 32]);
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 fn quick() -> bool {
     std::env::var_os("OUTPOST_BENCH_QUICK").is_some()
@@ -34,19 +35,6 @@ fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("outpost-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-fn roster() -> Roster {
-    let mut r = Roster::new();
-    r.insert(CLOUD, Role::Cloud);
-    r.insert(
-        EDGE,
-        Role::Edge {
-            node: "edge-1".into(),
-            site: None,
-        },
-    );
-    r
 }
 
 fn row(name: &str, figure: String, baseline: String, ratio: String, target: &str, ok: bool) {

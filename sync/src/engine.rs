@@ -297,7 +297,7 @@ impl Engine {
             inner.next_epoch += 1;
             let epoch = inner.next_epoch;
             // A reconnection replaces the previous session with this peer.
-            if let Some(old) = inner.peers.insert(
+            if let Some(mut old) = inner.peers.insert(
                 peer,
                 PeerSlot {
                     session,
@@ -305,7 +305,6 @@ impl Engine {
                     epoch,
                 },
             ) {
-                let mut old = old;
                 if let Err(e) = old.session.save_acks(&inner.replica) {
                     warn!(%peer, error = %e, "cannot save the replaced session's acknowledgements");
                 }

@@ -24,7 +24,9 @@ use crate::PeerId;
 use crate::document::DocId;
 use crate::hlc::{Clock, Hlc};
 use crate::schema::Schema;
-use crate::store::{Batch, IndexEntry, Store, StoreError, StoreOptions, sorted_heads};
+use crate::store::{
+    Batch, IndexEntry, Store, StoreError, StoreOptions, apply_changes_quietly, sorted_heads,
+};
 
 /// Errors of replica operations.
 #[derive(Debug, thiserror::Error)]
@@ -583,7 +585,7 @@ impl Replica {
                 loaded.stale = false;
             }
             let own = std::mem::take(&mut loaded.own);
-            if loaded.stale || crate::store::apply_changes_quietly(&mut loaded.doc, own).is_err() {
+            if loaded.stale || apply_changes_quietly(&mut loaded.doc, own).is_err() {
                 // The store has nothing or does not match: read the
                 // document from there again, as it is, on the next call.
                 self.cache.pop(doc);
@@ -599,7 +601,7 @@ impl Replica {
             // A peer's changes (which dropped the flat mirror when they
             // arrived; this replica's own direct writes wait in `own`).
             let pending = std::mem::take(&mut loaded.pending);
-            if let Err(e) = crate::store::apply_changes_quietly(&mut loaded.doc, pending) {
+            if let Err(e) = apply_changes_quietly(&mut loaded.doc, pending) {
                 // The store holds the same changes; whoever asks next reads
                 // the document from there.
                 self.cache.pop(doc);
@@ -1418,7 +1420,7 @@ impl Replica {
                 let times = decoded.iter().map(Change::timestamp).collect();
                 let n = decoded.len();
                 let tail = decoded.last().map(ChainLink::of);
-                crate::store::apply_changes_quietly(&mut am, decoded).map_err(am_err)?;
+                apply_changes_quietly(&mut am, decoded).map_err(am_err)?;
                 let missing_deps = !am.get_missing_deps(&[]).is_empty();
                 let entry = IndexEntry {
                     generation,
@@ -1466,7 +1468,7 @@ impl Replica {
         let tail = fresh.last().map(ChainLink::of);
         loaded.last_local = None;
         loaded.flat = None;
-        crate::store::apply_changes_quietly(&mut loaded.doc, fresh).map_err(am_err)?;
+        apply_changes_quietly(&mut loaded.doc, fresh).map_err(am_err)?;
         let mut entry = loaded.entry.clone();
         entry.heads = sorted_heads(&loaded.doc.get_heads());
         entry.changes += n as u64;
