@@ -81,11 +81,23 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// Automerge documents the edge's replica keeps loaded. The pod manager
+/// reads a pod's spec again only when it changed, the twins read their
+/// devices' documents when these change (and at each resync), and the
+/// reported values and statuses the node writes are kept without their
+/// automerge documents: a small cache serves them all, and each loaded
+/// document costs some 10 KB.
+const CACHED_DOCS: usize = 64;
+
 /// Opens the replica of a data dir for the identity kept there.
 pub fn open_replica(data_dir: &std::path::Path) -> Result<Replica, StartError> {
     let key = outpost_sync::identity::load_or_create(data_dir)?;
     let path = data_dir.join(REPLICA_DIR);
-    Replica::open(&path, PeerId::from(key.public()), ReplicaOptions::default())
+    let options = ReplicaOptions {
+        cache_docs: std::num::NonZeroUsize::new(CACHED_DOCS).unwrap_or(std::num::NonZeroUsize::MIN),
+        ..ReplicaOptions::default()
+    };
+    Replica::open(&path, PeerId::from(key.public()), options)
         .map_err(|source| StartError::Replica { path, source })
 }
 

@@ -255,24 +255,44 @@ async fn list_runtime(
     Ok(pods)
 }
 
+/// Pod specs as last read, by document, with the generation and heads they
+/// were read at: a pass reads again (and loads into the replica's cache) only
+/// the specs that changed since, so the cache need not hold every pod.
+#[derive(Default)]
+struct ReadSpecs(HashMap<DocId, (SpecVersion, PodSpecDoc)>);
+
+/// A document's generation and sorted heads: equal, the same content.
+type SpecVersion = (u64, Vec<[u8; 32]>);
+
 /// The pod specs of `node` in the replica, by uid. A document that does not
 /// parse is reported and skipped (what runs for it is left alone).
 fn desired_pods(
     engine: &Engine,
     node: &str,
+    read: &mut ReadSpecs,
 ) -> (HashMap<String, (DocId, PodSpecDoc)>, HashSet<String>) {
     let prefix = format!("{}/{node}/", DocKind::PodSpec.as_str());
-    let ids: Vec<DocId> = engine.with_replica(|r| {
+    let listed: Vec<(DocId, SpecVersion)> = engine.with_replica(|r| {
         r.scan_prefix(&prefix)
             .filter_map(Result::ok)
-            .map(|(id, _)| id)
+            .map(|(id, entry)| (id, (entry.generation, entry.heads)))
             .collect()
     });
+    let present: HashSet<&DocId> = listed.iter().map(|(id, _)| id).collect();
+    read.0.retain(|id, _| present.contains(id));
     let mut pods = HashMap::new();
     let mut unreadable = HashSet::new();
-    for id in ids {
+    for (id, version) in listed {
+        if let Some((at, spec)) = read.0.get(&id)
+            && *at == version
+        {
+            pods.insert(spec.uid.clone(), (id, spec.clone()));
+            continue;
+        }
+        read.0.remove(&id);
         match engine.with_replica(|r| r.get::<PodSpecDoc>(&id)) {
             Ok(Some(spec)) if !spec.uid.is_empty() => {
+                read.0.insert(id.clone(), (version, spec.clone()));
                 pods.insert(spec.uid.clone(), (id, spec));
             }
             Ok(_) => {}
@@ -365,6 +385,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
         });
     }
     let mut workers: JoinSet<String> = JoinSet::new();
+    let mut read_specs = ReadSpecs::default();
     let mut inflight: HashSet<String> = HashSet::new();
     let mut runtime_down = false;
     // What each pod looked like when last synced, and when: a pod whose
@@ -383,7 +404,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             }
         }
         let listed_at = Instant::now();
-        let (desired, unreadable) = desired_pods(&shared.engine, &node);
+        let (desired, unreadable) = desired_pods(&shared.engine, &node, &mut read_specs);
         match list_runtime(&shared.cri, &node).await {
             Err(e) => {
                 if !runtime_down {
