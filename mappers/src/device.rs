@@ -429,3 +429,57 @@ async fn report_state(
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{ConnectError, ReadError};
+    use crate::property::PropertySpec;
+
+    /// A driver as large as a real one's state can be; it never connects.
+    struct Large {
+        _state: [u8; 2048],
+        health: Health,
+    }
+
+    impl Driver for Large {
+        fn properties(&self) -> &[PropertySpec] {
+            &[]
+        }
+        fn is_connected(&self) -> bool {
+            false
+        }
+        async fn connect(&mut self) -> Result<(), ConnectError> {
+            std::future::pending().await
+        }
+        async fn read(&mut self) -> Result<Vec<Reading>, ReadError> {
+            std::future::pending().await
+        }
+        async fn write(&mut self, _: &str, _: &str) -> Result<(), WriteError> {
+            std::future::pending().await
+        }
+        fn health(&self) -> &Health {
+            &self.health
+        }
+    }
+
+    /// Every device has a task: its future holds the driver once, not
+    /// twice (an `async fn` would keep its arguments as captured and again
+    /// as moved into its body).
+    #[test]
+    fn a_device_task_holds_its_driver_once() {
+        let driver = Large {
+            _state: [0; 2048],
+            health: Health::default(),
+        };
+        let (reports, _) = mpsc::channel(1);
+        let (_, inbox) = mpsc::channel(1);
+        let task = run("d".into(), driver, RunConfig::default(), reports, inbox);
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size < 2 * std::mem::size_of::<Large>(),
+            "a device task's future is {size} bytes for a driver of {}",
+            std::mem::size_of::<Large>()
+        );
+    }
+}
