@@ -86,7 +86,8 @@ impl std::fmt::Debug for Agent {
 /// devices' documents when these change (and at each resync), and the
 /// reported values and statuses the node writes are kept without their
 /// automerge documents: a small cache serves them all, and each loaded
-/// document costs some 10 KB.
+/// document costs some 10 KB. What it does not hold is read from the store
+/// when asked for (the local API's pod list reads each pod's spec).
 const CACHED_DOCS: usize = 64;
 
 /// Opens the replica of a data dir for the identity kept there.

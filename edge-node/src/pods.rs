@@ -256,10 +256,17 @@ async fn list_runtime(
 }
 
 /// Pod specs as last read, by document, with the generation and heads they
-/// were read at: a pass reads again (and loads into the replica's cache) only
-/// the specs that changed since, so the cache need not hold every pod.
+/// were read at (`None`: deleted, or naming no pod): a pass reads again (and
+/// loads into the replica's cache) only the specs that changed since, so the
+/// cache need not hold every pod, nor every pod the node ever ran.
 #[derive(Default)]
-struct ReadSpecs(HashMap<DocId, (SpecVersion, PodSpecDoc)>);
+struct ReadSpecs(HashMap<DocId, (SpecVersion, Option<PodSpecDoc>)>);
+
+/// Pod-status documents found deleted, at the generation and heads they were
+/// found so: tombstones stay in the replica, one per pod the node ever ran,
+/// and are not loaded again each pass to learn it.
+#[derive(Default)]
+struct Tombstones(HashMap<DocId, SpecVersion>);
 
 /// A document's generation and sorted heads: equal, the same content.
 type SpecVersion = (u64, Vec<[u8; 32]>);
@@ -286,16 +293,20 @@ fn desired_pods(
         if let Some((at, spec)) = read.0.get(&id)
             && *at == version
         {
-            pods.insert(spec.uid.clone(), (id, spec.clone()));
+            if let Some(spec) = spec {
+                pods.insert(spec.uid.clone(), (id, spec.clone()));
+            }
             continue;
         }
         read.0.remove(&id);
         match engine.with_replica(|r| r.get::<PodSpecDoc>(&id)) {
             Ok(Some(spec)) if !spec.uid.is_empty() => {
-                read.0.insert(id.clone(), (version, spec.clone()));
+                read.0.insert(id.clone(), (version, Some(spec.clone())));
                 pods.insert(spec.uid.clone(), (id, spec));
             }
-            Ok(_) => {}
+            Ok(_) => {
+                read.0.insert(id, (version, None));
+            }
             Err(e) => {
                 // The uid is the last segment of the id: keep its containers.
                 if let Some(uid) = id.as_str().rsplit('/').next() {
@@ -312,27 +323,49 @@ fn desired_pods(
 /// Deletes the pod-status documents of pods whose spec the cloud deleted
 /// (after the pod left the API) once nothing of them runs: the edge's part
 /// of keeping the replica bounded.
-fn forget_deleted_pods(engine: &Engine, node: &str, busy: impl Fn(&str) -> bool) {
+fn forget_deleted_pods(
+    engine: &Engine,
+    node: &str,
+    tombstones: &mut Tombstones,
+    busy: impl Fn(&str) -> bool,
+) {
     let prefix = format!("{}/{node}/", DocKind::PodStatus.as_str());
     let done: Vec<DocId> = engine.with_replica(|r| {
-        let ids: Vec<DocId> = r
+        let listed: Vec<(DocId, SpecVersion)> = r
             .scan_prefix(&prefix)
             .filter_map(Result::ok)
-            .map(|(id, _)| id)
+            .map(|(id, entry)| (id, (entry.generation, entry.heads)))
             .collect();
-        ids.into_iter()
-            .filter(|status| {
+        let present: HashSet<&DocId> = listed.iter().map(|(id, _)| id).collect();
+        tombstones.0.retain(|id, _| present.contains(id));
+        listed
+            .iter()
+            .filter(|(status, version)| {
+                if tombstones.0.get(status) == Some(version) {
+                    return false;
+                }
+                // Written since it was found deleted, if it was.
+                tombstones.0.remove(status);
                 let parts: Vec<&str> = status.as_str().split('/').collect();
                 let [_, _, ns, name, uid] = parts[..] else {
                     return false;
                 };
-                if busy(uid) || r.is_deleted(status).unwrap_or(true) {
+                if busy(uid) {
                     return false;
+                }
+                match r.is_deleted(status) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        tombstones.0.insert(status.clone(), version.clone());
+                        return false;
+                    }
+                    Err(_) => return false,
                 }
                 DocId::new(DocKind::PodSpec, Owner::Node(node), &[ns, name, uid])
                     .ok()
                     .is_some_and(|spec| r.is_deleted(&spec).unwrap_or(false))
             })
+            .map(|(status, _)| status.clone())
             .collect()
     });
     for status in done {
@@ -386,6 +419,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     }
     let mut workers: JoinSet<String> = JoinSet::new();
     let mut read_specs = ReadSpecs::default();
+    let mut tombstones = Tombstones::default();
     let mut inflight: HashSet<String> = HashSet::new();
     let mut runtime_down = false;
     // What each pod looked like when last synced, and when: a pod whose
@@ -465,7 +499,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                         uid
                     });
                 }
-                forget_deleted_pods(&shared.engine, &node, |uid| {
+                forget_deleted_pods(&shared.engine, &node, &mut tombstones, |uid| {
                     desired.contains_key(uid)
                         || in_runtime.contains(uid)
                         || unreadable.contains(uid)
@@ -1878,6 +1912,125 @@ pub async fn remove_all(cri: &CriClient, node: &str) -> Result<usize, tonic::Sta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_sync::PeerId;
+    use outpost_sync::access::Roster;
+
+    /// An engine over a replica in a fresh directory (removed by the caller).
+    fn engine_in(name: &str) -> (Engine, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let me = PeerId::from(iroh::SecretKey::generate().public());
+        let replica = outpost_sync::replica::Replica::open(&dir, me, Default::default()).unwrap();
+        let engine = Engine::new(replica, Roster::new(), Default::default());
+        (engine, dir)
+    }
+
+    fn spec(uid: &str, image: &str) -> PodSpecDoc {
+        PodSpecDoc {
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: uid.into(),
+            containers: vec![outpost_sync::schema::Container {
+                name: "main".into(),
+                image: image.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// The pod manager keeps the specs it read by version: a changed,
+    /// deleted or re-created spec is read again, an unchanged one is not
+    /// read at all, and a deleted one is remembered as deleted.
+    #[test]
+    fn pod_specs_are_read_again_when_they_change() {
+        let (engine, dir) = engine_in("outpost-read-specs");
+        let id = DocId::new(
+            DocKind::PodSpec,
+            Owner::Node("n1"),
+            &["default", "web", "u1"],
+        )
+        .unwrap();
+        let mut read = ReadSpecs::default();
+        let image = |pods: &HashMap<String, (DocId, PodSpecDoc)>| {
+            pods.get("u1").map(|(_, s)| s.containers[0].image.clone())
+        };
+
+        engine.put(&id, &spec("u1", "busybox:1")).unwrap();
+        let (pods, _) = desired_pods(&engine, "n1", &mut read);
+        assert_eq!(image(&pods).as_deref(), Some("busybox:1"));
+        // Unchanged: served from what was read, the same spec.
+        let (pods, _) = desired_pods(&engine, "n1", &mut read);
+        assert_eq!(image(&pods).as_deref(), Some("busybox:1"));
+
+        engine.put(&id, &spec("u1", "busybox:2")).unwrap();
+        let (pods, _) = desired_pods(&engine, "n1", &mut read);
+        assert_eq!(image(&pods).as_deref(), Some("busybox:2"));
+
+        assert!(engine.delete(&id).unwrap());
+        let (pods, _) = desired_pods(&engine, "n1", &mut read);
+        assert!(pods.is_empty(), "{pods:?}");
+        assert!(
+            matches!(read.0.get(&id), Some((_, None))),
+            "deleted, remembered so"
+        );
+
+        engine.put(&id, &spec("u1", "busybox:3")).unwrap();
+        let (pods, _) = desired_pods(&engine, "n1", &mut read);
+        assert_eq!(image(&pods).as_deref(), Some("busybox:3"));
+        drop(engine);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A finished pod's status is deleted once its spec is, and its
+    /// tombstone is then remembered rather than read each pass.
+    #[test]
+    fn a_gone_pods_status_is_deleted_and_its_tombstone_remembered() {
+        let (engine, dir) = engine_in("outpost-tombstones");
+        let spec_id = DocId::new(
+            DocKind::PodSpec,
+            Owner::Node("n1"),
+            &["default", "web", "u1"],
+        )
+        .unwrap();
+        let status_id = DocId::new(
+            DocKind::PodStatus,
+            Owner::Node("n1"),
+            &["default", "web", "u1"],
+        )
+        .unwrap();
+        engine.put(&spec_id, &spec("u1", "busybox:1")).unwrap();
+        let status = PodStatusDoc {
+            uid: "u1".into(),
+            phase: "Succeeded".into(),
+            ..Default::default()
+        };
+        engine.put(&status_id, &status).unwrap();
+        let mut tombstones = Tombstones::default();
+
+        // The spec is still there: the status stays.
+        forget_deleted_pods(&engine, "n1", &mut tombstones, |_| false);
+        assert!(!engine.with_replica(|r| r.is_deleted(&status_id)).unwrap());
+        // A busy pod's status stays whatever its spec.
+        assert!(engine.delete(&spec_id).unwrap());
+        forget_deleted_pods(&engine, "n1", &mut tombstones, |_| true);
+        assert!(!engine.with_replica(|r| r.is_deleted(&status_id)).unwrap());
+
+        forget_deleted_pods(&engine, "n1", &mut tombstones, |_| false);
+        assert!(engine.with_replica(|r| r.is_deleted(&status_id)).unwrap());
+        assert!(tombstones.0.is_empty(), "found deleted on the next pass");
+        forget_deleted_pods(&engine, "n1", &mut tombstones, |_| false);
+        assert!(tombstones.0.contains_key(&status_id));
+
+        // A status written again (the pod came back) is no tombstone.
+        engine.put(&status_id, &status).unwrap();
+        engine.put(&spec_id, &spec("u1", "busybox:1")).unwrap();
+        forget_deleted_pods(&engine, "n1", &mut tombstones, |_| false);
+        assert!(!engine.with_replica(|r| r.is_deleted(&status_id)).unwrap());
+        assert!(!tombstones.0.contains_key(&status_id));
+        drop(engine);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     fn cs(state: ContainerState, restart_count: i32) -> ContainerStatus {
         ContainerStatus {

@@ -109,7 +109,7 @@ impl Engine {
                 roster,
                 peers: HashMap::new(),
                 next_epoch: 0,
-                conflicts_seen: crate::replica::lru_growing(
+                conflicts_seen: lru::LruCache::sparse(
                     std::num::NonZeroUsize::new(CONFLICTS_REMEMBERED)
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 ),

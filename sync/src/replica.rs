@@ -284,16 +284,6 @@ impl LastLocal {
     }
 }
 
-/// An LRU cache holding `cap` entries at most that allocates as it fills:
-/// `LruCache::new` sizes its table for `cap` at once (16,384 idle flat
-/// documents are half a megabyte before the first), which every replica of
-/// a small node, and each of a simulated fleet's, would pay empty.
-pub(crate) fn lru_growing<K: std::hash::Hash + Eq, V>(cap: NonZeroUsize) -> LruCache<K, V> {
-    let mut cache = LruCache::unbounded();
-    cache.resize(cap);
-    cache
-}
-
 const META_INCARNATION: &[u8] = b"incarnation";
 const META_CLOCK: &[u8] = b"clock";
 
@@ -502,9 +492,14 @@ impl Replica {
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             store,
-            cache: lru_growing(options.cache_docs),
-            idle: lru_growing(options.idle_flat_docs),
-            links: lru_growing(NonZeroUsize::new(CHAIN_LINKS).unwrap_or(NonZeroUsize::MIN)),
+            // Sparse: tables that grow as they fill. `LruCache::new` sizes
+            // its table for the whole capacity at once (16,384 idle flat
+            // documents are half a megabyte before the first), which every
+            // replica of a small node, and each of a simulated fleet's,
+            // would pay empty.
+            cache: LruCache::sparse(options.cache_docs),
+            idle: LruCache::sparse(options.idle_flat_docs),
+            links: LruCache::sparse(NonZeroUsize::new(CHAIN_LINKS).unwrap_or(NonZeroUsize::MIN)),
             me,
             actor: ActorId::from(actor),
             clock: Clock::starting_after(last),
@@ -2008,19 +2003,6 @@ fn json_value(v: &serde_json::Value) -> hydrate::Value {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn a_growing_lru_starts_empty_and_keeps_its_bound() {
-        let mut cache: LruCache<u32, u32> = lru_growing(NonZeroUsize::new(3).unwrap());
-        assert_eq!(cache.cap().get(), 3);
-        for i in 0..5 {
-            cache.put(i, i);
-        }
-        assert_eq!(cache.len(), 3);
-        assert_eq!(cache.peek_lru(), Some((&2, &2)));
-        let big: LruCache<u32, u32> = lru_growing(NonZeroUsize::new(1 << 20).unwrap());
-        assert_eq!(big.cap().get(), 1 << 20);
-    }
 
     /// A report: some of five keys, each a small scalar or a nested object.
     fn report() -> impl Strategy<Value = serde_json::Map<String, serde_json::Value>> {
