@@ -28,7 +28,7 @@
 //! with the reason, and the other devices go on. The manager's state is
 //! published as a [`TwinView`] for the MQTT event bus and the local API.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -608,7 +608,7 @@ fn model_properties(model: &DeviceModelDoc) -> Result<Vec<PropertySpec>, String>
 impl Manager {
     fn sync_all(&mut self) {
         let ids = device_doc_ids(&self.engine, &self.config.node);
-        let present: Vec<String> = ids
+        let present: HashSet<String> = ids
             .iter()
             .filter_map(|d| parse_id(d, &self.config.node))
             .map(|(ns, name)| format!("{ns}/{name}"))
@@ -616,7 +616,7 @@ impl Manager {
         let gone: Vec<String> = self
             .devices
             .keys()
-            .filter(|k| !present.contains(k))
+            .filter(|k| !present.contains(*k))
             .cloned()
             .collect();
         for id in gone {
