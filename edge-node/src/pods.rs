@@ -260,16 +260,33 @@ async fn list_runtime(
 /// loads into the replica's cache) only the specs that changed since, so the
 /// cache need not hold every pod, nor every pod the node ever ran.
 #[derive(Default)]
-struct ReadSpecs(HashMap<DocId, (SpecVersion, Option<PodSpecDoc>)>);
+struct ReadSpecs(HashMap<DocId, (DocVersion, Option<PodSpecDoc>)>);
 
 /// Pod-status documents found deleted, at the generation and heads they were
 /// found so: tombstones stay in the replica, one per pod the node ever ran,
 /// and are not loaded again each pass to learn it.
 #[derive(Default)]
-struct Tombstones(HashMap<DocId, SpecVersion>);
+struct Tombstones(HashMap<DocId, DocVersion>);
 
 /// A document's generation and sorted heads: equal, the same content.
-type SpecVersion = (u64, Vec<[u8; 32]>);
+type DocVersion = (u64, Vec<[u8; 32]>);
+
+/// The documents under `prefix` in the replica's index, with their
+/// versions; what `known` holds of documents no longer there is dropped.
+fn listed_versions<V>(
+    r: &outpost_sync::replica::Replica,
+    prefix: &str,
+    known: &mut HashMap<DocId, V>,
+) -> Vec<(DocId, DocVersion)> {
+    let listed: Vec<(DocId, DocVersion)> = r
+        .scan_prefix(prefix)
+        .filter_map(Result::ok)
+        .map(|(id, entry)| (id, (entry.generation, entry.heads)))
+        .collect();
+    let present: HashSet<&DocId> = listed.iter().map(|(id, _)| id).collect();
+    known.retain(|id, _| present.contains(id));
+    listed
+}
 
 /// The pod specs of `node` in the replica, by uid. A document that does not
 /// parse is reported and skipped (what runs for it is left alone).
@@ -279,14 +296,7 @@ fn desired_pods(
     read: &mut ReadSpecs,
 ) -> (HashMap<String, (DocId, PodSpecDoc)>, HashSet<String>) {
     let prefix = format!("{}/{node}/", DocKind::PodSpec.as_str());
-    let listed: Vec<(DocId, SpecVersion)> = engine.with_replica(|r| {
-        r.scan_prefix(&prefix)
-            .filter_map(Result::ok)
-            .map(|(id, entry)| (id, (entry.generation, entry.heads)))
-            .collect()
-    });
-    let present: HashSet<&DocId> = listed.iter().map(|(id, _)| id).collect();
-    read.0.retain(|id, _| present.contains(id));
+    let listed = engine.with_replica(|r| listed_versions(r, &prefix, &mut read.0));
     let mut pods = HashMap::new();
     let mut unreadable = HashSet::new();
     for (id, version) in listed {
@@ -331,15 +341,8 @@ fn forget_deleted_pods(
 ) {
     let prefix = format!("{}/{node}/", DocKind::PodStatus.as_str());
     let done: Vec<DocId> = engine.with_replica(|r| {
-        let listed: Vec<(DocId, SpecVersion)> = r
-            .scan_prefix(&prefix)
-            .filter_map(Result::ok)
-            .map(|(id, entry)| (id, (entry.generation, entry.heads)))
-            .collect();
-        let present: HashSet<&DocId> = listed.iter().map(|(id, _)| id).collect();
-        tombstones.0.retain(|id, _| present.contains(id));
-        listed
-            .iter()
+        listed_versions(r, &prefix, &mut tombstones.0)
+            .into_iter()
             .filter(|(status, version)| {
                 if tombstones.0.get(status) == Some(version) {
                     return false;
@@ -365,7 +368,7 @@ fn forget_deleted_pods(
                     .ok()
                     .is_some_and(|spec| r.is_deleted(&spec).unwrap_or(false))
             })
-            .map(|(status, _)| status.clone())
+            .map(|(status, _)| status)
             .collect()
     });
     for status in done {
@@ -1925,6 +1928,11 @@ mod tests {
         (engine, dir)
     }
 
+    /// The id of pod `web` (uid `u1`) on node `n1`, of `kind`.
+    fn web(kind: DocKind) -> DocId {
+        DocId::new(kind, Owner::Node("n1"), &["default", "web", "u1"]).unwrap()
+    }
+
     fn spec(uid: &str, image: &str) -> PodSpecDoc {
         PodSpecDoc {
             namespace: "default".into(),
@@ -1945,12 +1953,7 @@ mod tests {
     #[test]
     fn pod_specs_are_read_again_when_they_change() {
         let (engine, dir) = engine_in("outpost-read-specs");
-        let id = DocId::new(
-            DocKind::PodSpec,
-            Owner::Node("n1"),
-            &["default", "web", "u1"],
-        )
-        .unwrap();
+        let id = web(DocKind::PodSpec);
         let mut read = ReadSpecs::default();
         let image = |pods: &HashMap<String, (DocId, PodSpecDoc)>| {
             pods.get("u1").map(|(_, s)| s.containers[0].image.clone())
@@ -1987,18 +1990,8 @@ mod tests {
     #[test]
     fn a_gone_pods_status_is_deleted_and_its_tombstone_remembered() {
         let (engine, dir) = engine_in("outpost-tombstones");
-        let spec_id = DocId::new(
-            DocKind::PodSpec,
-            Owner::Node("n1"),
-            &["default", "web", "u1"],
-        )
-        .unwrap();
-        let status_id = DocId::new(
-            DocKind::PodStatus,
-            Owner::Node("n1"),
-            &["default", "web", "u1"],
-        )
-        .unwrap();
+        let spec_id = web(DocKind::PodSpec);
+        let status_id = web(DocKind::PodStatus);
         engine.put(&spec_id, &spec("u1", "busybox:1")).unwrap();
         let status = PodStatusDoc {
             uid: "u1".into(),

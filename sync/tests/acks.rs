@@ -57,6 +57,11 @@ fn sessions(cloud: &Replica, edge: &Replica, roster: &Roster) -> (Session, Sessi
     (sc, se)
 }
 
+/// The heads of `doc` the cloud's store has saved as the edge's.
+fn saved_ack(cloud: &Replica, doc: &DocId) -> Option<Vec<[u8; 32]>> {
+    cloud.store().peer_ack(&EDGE.0, doc).unwrap().map(|a| a.1)
+}
+
 fn pod(i: usize) -> DocId {
     format!("pod-spec/edge-1/default/p{i}/u").parse().unwrap()
 }
@@ -82,19 +87,12 @@ fn acknowledgements_are_saved_together_and_a_lost_one_costs_only_a_resend() {
     // Acknowledged, and used (nothing more to send), but not written yet.
     assert_eq!(sc.watermark_ms(), None);
     assert_eq!(sc.unsaved_acks(), 1);
-    assert_eq!(cloud.store().peer_ack(&EDGE.0, &pod(0)).unwrap(), None);
+    assert_eq!(saved_ack(&cloud, &pod(0)), None);
 
     sc.save_acks(&cloud).unwrap();
     assert_eq!(sc.unsaved_acks(), 0);
     let heads = cloud.entry(&pod(0)).unwrap().unwrap().heads;
-    assert_eq!(
-        cloud
-            .store()
-            .peer_ack(&EDGE.0, &pod(0))
-            .unwrap()
-            .map(|a| a.1),
-        Some(heads.clone())
-    );
+    assert_eq!(saved_ack(&cloud, &pod(0)), Some(heads.clone()));
 
     // The next acknowledgement is lost with the process (sessions dropped
     // unsaved): the store still holds the one before.
@@ -105,14 +103,7 @@ fn acknowledgements_are_saved_together_and_a_lost_one_costs_only_a_resend() {
     settle(&mut cloud, &mut sc, &mut edge, &mut se, &roster);
     assert_eq!(sc.unsaved_acks(), 1);
     drop((sc, se));
-    assert_eq!(
-        cloud
-            .store()
-            .peer_ack(&EDGE.0, &pod(0))
-            .unwrap()
-            .map(|a| a.1),
-        Some(heads)
-    );
+    assert_eq!(saved_ack(&cloud, &pod(0)), Some(heads));
     // A new session and more writes on both sides converge all the same.
     cloud
         .write_json(&pod(0), &spec("busybox:3"), 3_000)
@@ -156,7 +147,7 @@ fn a_session_holding_too_many_acknowledgements_saves_them_itself() {
     );
     let saved = docs
         .iter()
-        .filter(|(d, _)| cloud.store().peer_ack(&EDGE.0, d).unwrap().is_some())
+        .filter(|(d, _)| saved_ack(&cloud, d).is_some())
         .count();
     assert!(
         saved + sc.unsaved_acks() >= docs.len(),
@@ -186,7 +177,7 @@ async fn the_engine_saves_acknowledgements_a_second_later_and_when_the_session_e
     let acked = |doc: &DocId| {
         cloud.with_replica(|r| {
             let heads = r.entry(doc).unwrap().map(|e| e.heads);
-            heads.is_some() && r.store().peer_ack(&EDGE.0, doc).unwrap().map(|a| a.1) == heads
+            heads.is_some() && saved_ack(r, doc) == heads
         })
     };
     let link = connect(&edge, &cloud, DEFAULT_LINK_BUFFER);
