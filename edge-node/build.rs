@@ -1,22 +1,48 @@
-//! Link settings of the `outpost-edge` binary.
+//! Link settings of the `outpost-edge` binary, chosen for a small node's
+//! memory (BENCHMARKS.md, "Resident memory").
 //!
-//! Its relative relocations are packed (`-z pack-relative-relocs`, DT_RELR):
-//! the position-independent binary otherwise carries 2.1 MB of them, which
-//! the dynamic loader reads at every start and which then stay resident,
-//! about 3 MB of a small node's memory (BENCHMARKS.md, "Resident memory").
-//! The binary keeps address-space randomisation and needs glibc 2.36 or
-//! newer (Debian 12, Ubuntu 24.04) and, to link, binutils 2.38 or lld 15.
-//! `OUTPOST_EDGE_NO_RELR=1` at build time leaves them unpacked, for nodes
-//! with an older glibc (2.34).
+//! - Its relative relocations are packed (`-z pack-relative-relocs`,
+//!   DT_RELR): the position-independent binary otherwise carries 2.1 MB of
+//!   them, which the dynamic loader reads at every start and which then stay
+//!   resident, about 3 MB. The binary keeps address-space randomisation and
+//!   needs glibc 2.36 or newer (Debian 12, Ubuntu 24.04) and, to link,
+//!   binutils 2.38 or lld 15. `OUTPOST_EDGE_NO_RELR=1` at build time leaves
+//!   them unpacked, for nodes with an older glibc (2.34).
+//! - Its code is laid out in the order of `link-order.txt`: the functions a
+//!   node runs first, together, the rest after. The kernel maps executable
+//!   pages around every fault (whole large folios on recent kernels), so hot
+//!   code scattered over the 29 MB of `.text` kept 15-17 MB of it resident;
+//!   grouped, about 6 MB. The file lists mangled symbol names, which depend
+//!   on the target and on the dependencies' versions and features: it is
+//!   used for x86_64 Linux (GNU), whose default linker is lld, and
+//!   `scripts/link-order` regenerates it. Names the build no longer has are
+//!   skipped; a stale file costs memory, never correctness.
+//!   `OUTPOST_EDGE_NO_LINK_ORDER=1` turns it off (for a linker other than
+//!   lld).
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=link-order.txt");
     println!("cargo:rerun-if-env-changed=OUTPOST_EDGE_NO_RELR");
-    let opted_out = std::env::var("OUTPOST_EDGE_NO_RELR").is_ok_and(|v| !v.is_empty() && v != "0");
-    if !opted_out
-        && std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
-    {
+    println!("cargo:rerun-if-env-changed=OUTPOST_EDGE_NO_LINK_ORDER");
+    let target = |key: &str| std::env::var(key).unwrap_or_default();
+    let set = |key: &str| std::env::var(key).is_ok_and(|v| !v.is_empty() && v != "0");
+    let linux_gnu =
+        target("CARGO_CFG_TARGET_OS") == "linux" && target("CARGO_CFG_TARGET_ENV") == "gnu";
+    if linux_gnu && !set("OUTPOST_EDGE_NO_RELR") {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
+    if linux_gnu
+        && target("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && !set("OUTPOST_EDGE_NO_LINK_ORDER")
+    {
+        let order = std::path::Path::new(&target("CARGO_MANIFEST_DIR")).join("link-order.txt");
+        if order.is_file() {
+            println!(
+                "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+                order.display()
+            );
+            println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+        }
     }
 }
