@@ -349,8 +349,14 @@ fn real_main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(outpost_simulation::relay::serve(listen.clone(), connect))
-                .with_context(|| format!("relay on {listen}"))?;
+            rt.block_on(async {
+                let l = outpost_simulation::relay::bind(&listen).await?;
+                // The parent waits for this line before it starts what connects.
+                println!("{}", outpost_simulation::relay::READY);
+                std::io::Write::flush(&mut std::io::stdout())?;
+                l.serve(connect).await
+            })
+            .with_context(|| format!("relay on {listen}"))?;
         }
         Some(Command::Processes {
             seed,

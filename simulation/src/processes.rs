@@ -112,6 +112,8 @@ const CLOUD_METRICS: &str = "127.0.0.1:9464";
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the end of a run waits for the edges to stop the pods.
 const STOP_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a relay may take to bind in its namespace.
+const RELAY_READY_WITHIN: Duration = Duration::from_secs(20);
 
 /// Where the parts of a run are.
 #[derive(Debug, Clone)]
@@ -829,7 +831,11 @@ impl Run {
             .ok_or_else(|| ProcessError::Start("the network is gone".into()))
     }
 
-    fn relay(&mut self, node: &str, listen: End, connect: End) -> Result<(), ProcessError> {
+    /// Starts `outpost-sim relay` in `node`'s namespace and returns once it
+    /// accepts connections, so that what connects through it next (the
+    /// cloud, a test's client) does not race its bind.
+    async fn relay(&mut self, node: &str, listen: End, connect: End) -> Result<(), ProcessError> {
+        use tokio::io::AsyncBufReadExt;
         let net = self.net()?;
         let n = net
             .node(node)
@@ -838,10 +844,33 @@ impl Run {
         cmd.args(["relay", "--listen", &listen.to_string()])
             .args(["--connect", &connect.to_string()])
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .map_err(io(format!("cannot start a relay in {}", n.ns)))?;
+        let what = format!("the relay in {} on {listen}", n.ns);
+        let mut child = cmd.spawn().map_err(io(format!("cannot start {what}")))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| ProcessError::Start(format!("{what}: no stdout")))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        match tokio::time::timeout(RELAY_READY_WITHIN, lines.next_line()).await {
+            Ok(Ok(Some(line))) if line == crate::relay::READY => {}
+            Ok(Ok(Some(line))) => {
+                return Err(ProcessError::Start(format!("{what} said {line:?}")));
+            }
+            Ok(Ok(None)) => {
+                let status = child.wait().await.map_err(io(what.clone()))?;
+                return Err(ProcessError::Start(format!(
+                    "{what} exited ({status}) before it was ready"
+                )));
+            }
+            Ok(Err(e)) => return Err(ProcessError::Start(format!("{what}: {e}"))),
+            Err(_) => {
+                return Err(ProcessError::Start(format!(
+                    "{what} was not ready within {RELAY_READY_WITHIN:?}"
+                )));
+            }
+        }
         self.relays.push(child);
         Ok(())
     }
@@ -886,13 +915,16 @@ impl Run {
         let api = api_address(&self.opts.kubeconfig)?;
         let api_sock = self.dir.join("api.sock");
         let (listen, connect) = (End::Unix(api_sock.clone()), End::Tcp(api));
-        let _ = std::fs::remove_file(&api_sock);
+        let listener = crate::relay::bind(&listen)
+            .await
+            .map_err(io(format!("cannot listen on {listen}")))?;
         self.api_relay = Some(tokio::spawn(async move {
-            if let Err(e) = crate::relay::serve(listen, connect).await {
+            if let Err(e) = listener.serve(connect).await {
                 warn!("the API relay stopped: {e}");
             }
         }));
-        self.relay("cloud-0", End::Tcp(api), End::Unix(api_sock))?;
+        self.relay("cloud-0", End::Tcp(api), End::Unix(api_sock))
+            .await?;
         self.relay(
             "cloud-0",
             End::Unix(self.dir.join("cloud.metrics.sock")),
@@ -901,7 +933,8 @@ impl Run {
                     .parse()
                     .map_err(|_| ProcessError::Start("bad metrics address".into()))?,
             ),
-        )?;
+        )
+        .await?;
 
         let cloud_ip = self
             .net()?
@@ -1081,7 +1114,8 @@ impl Run {
                     .parse()
                     .map_err(|_| ProcessError::Start("bad API address".into()))?,
             ),
-        )?;
+        )
+        .await?;
         Ok(())
     }
 

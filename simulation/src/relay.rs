@@ -71,27 +71,45 @@ async fn pipe(mut from: Box<dyn Stream>, to: End) {
     }
 }
 
-/// Accepts connections on `listen` and joins each to a new connection to
-/// `connect`, until the process ends. A stale unix socket file is replaced.
-pub async fn serve(listen: End, connect: End) -> std::io::Result<()> {
-    match listen {
-        End::Tcp(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await?;
-            loop {
-                let (s, _) = l.accept().await?;
-                tokio::spawn(pipe(Box::new(s), connect.clone()));
-            }
-        }
+/// A bound relay, not yet accepting: binding first lets the caller say
+/// "ready" only once connections can arrive.
+pub enum Listener {
+    /// On a TCP address.
+    Tcp(tokio::net::TcpListener),
+    /// On a unix socket.
+    Unix(tokio::net::UnixListener),
+}
+
+/// Binds `listen`. A stale unix socket file is replaced.
+pub async fn bind(listen: &End) -> std::io::Result<Listener> {
+    Ok(match listen {
+        End::Tcp(addr) => Listener::Tcp(tokio::net::TcpListener::bind(addr).await?),
         End::Unix(path) => {
-            let _ = std::fs::remove_file(&path);
-            let l = tokio::net::UnixListener::bind(&path)?;
-            loop {
+            let _ = std::fs::remove_file(path);
+            Listener::Unix(tokio::net::UnixListener::bind(path)?)
+        }
+    })
+}
+
+impl Listener {
+    /// Joins each accepted connection to a new connection to `connect`,
+    /// until the process ends.
+    pub async fn serve(self, connect: End) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(l) => loop {
                 let (s, _) = l.accept().await?;
                 tokio::spawn(pipe(Box::new(s), connect.clone()));
-            }
+            },
+            Self::Unix(l) => loop {
+                let (s, _) = l.accept().await?;
+                tokio::spawn(pipe(Box::new(s), connect.clone()));
+            },
         }
     }
 }
+
+/// The line `outpost-sim relay` prints once it accepts connections.
+pub const READY: &str = "relay ready";
 
 #[cfg(test)]
 mod tests {
