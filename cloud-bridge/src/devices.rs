@@ -290,6 +290,22 @@ impl DeviceLoop {
                     Some(Ok(watcher::Event::InitDone)) => {
                         listed = true;
                         self.sweep(&managed);
+                        // The store takes a listing's Devices only now (the
+                        // loop saw them as they were listed): what looked
+                        // them up in the store meanwhile found nothing and
+                        // was skipped. Status writes (unchanged statuses
+                        // are not written), model checks (warnings are not
+                        // repeated) and the edges' desired values (only the
+                        // documents that moved) are done again.
+                        for key in self.projected.keys() {
+                            self.queue.mark(key.clone());
+                        }
+                        if self.models_ready {
+                            for device in self.devices.state() {
+                                self.check_model(&device).await;
+                            }
+                        }
+                        self.desired_rescan().await;
                     }
                     Some(Ok(watcher::Event::Init)) => {}
                     Some(Err(e)) => warn!(error = %e, "device watch failed; retrying"),

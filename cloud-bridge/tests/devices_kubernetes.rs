@@ -179,6 +179,16 @@ impl Setup {
             .await
             .unwrap();
         let engine = engine(new_key(), Roster::new());
+        let node = unique_name(prefix);
+        // This bridge serves this test's node only. Unscoped, every test's
+        // bridge would also project the other tests' nodes in the shared API
+        // server (a thousand Devices of one of them), and this test's writes
+        // would wait behind that work. `unique_name`s have one length, so
+        // the prefix is the node.
+        let config = BridgeConfig {
+            node_prefix: config.node_prefix.or_else(|| Some(node.clone())),
+            ..config
+        };
         let bridge = Bridge::new(bridge_client, engine.clone(), config);
         let run = bridge.clone();
         let task = tokio::spawn(async move {
@@ -186,7 +196,6 @@ impl Setup {
                 panic!("bridge stopped: {e}");
             }
         });
-        let node = unique_name(prefix);
         let ns = unique_name(prefix);
         let issued = admission::create_token(&client, &node, None, HOUR)
             .await
