@@ -11,8 +11,8 @@
 //! - Its code is laid out in the order of `link-order.txt`: the functions a
 //!   node runs first, together, the rest after. The kernel maps executable
 //!   pages around every fault (whole large folios on recent kernels), so hot
-//!   code scattered over the 29 MB of `.text` kept 15-17 MB of it resident;
-//!   grouped, about 6 MB. The file lists mangled symbol names, which depend
+//!   code scattered over the 29 MB of `.text` kept about 15 MB of it resident;
+//!   grouped, about 8 MB. The file lists mangled symbol names, which depend
 //!   on the target and on the dependencies' versions and features: it is
 //!   used for x86_64 Linux (GNU), whose default linker is lld, and
 //!   `scripts/link-order` regenerates it. Names the build no longer has are

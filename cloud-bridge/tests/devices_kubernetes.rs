@@ -182,9 +182,10 @@ impl Setup {
         let node = unique_name(prefix);
         // This bridge serves this test's node only. Unscoped, every test's
         // bridge would also project the other tests' nodes in the shared API
-        // server (a thousand Devices of one of them), and this test's writes
-        // would wait behind that work. `unique_name`s have one length, so
-        // the prefix is the node.
+        // server (a thousand Devices of one of them). Scoped, a test's
+        // Devices are often created while its bridge still lists the
+        // others' (the case the device loop redoes at the listing's end).
+        // `unique_name`s have one length, so the prefix is the node.
         let config = BridgeConfig {
             node_prefix: config.node_prefix.or_else(|| Some(node.clone())),
             ..config
