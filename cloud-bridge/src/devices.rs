@@ -301,9 +301,7 @@ impl DeviceLoop {
                             self.queue.mark(key.clone());
                         }
                         if self.models_ready {
-                            for device in self.devices.state() {
-                                self.check_model(&device).await;
-                            }
+                            self.check_models().await;
                         }
                         self.desired_rescan().await;
                     }
@@ -325,9 +323,7 @@ impl DeviceLoop {
                         for (node, ns, model) in users {
                             self.write_model(&node, &ns, &model);
                         }
-                        for device in self.devices.state() {
-                            self.check_model(&device).await;
-                        }
+                        self.check_models().await;
                     }
                     Some(Ok(watcher::Event::Init)) => {}
                     Some(Err(e)) => warn!(error = %e, "device model watch failed; retrying"),
@@ -576,6 +572,13 @@ impl DeviceLoop {
                     && convert::model_name(d) == Some(model.name.as_str())
             })
             .collect()
+    }
+
+    /// [`Self::check_model`] for every Device in the store.
+    async fn check_models(&mut self) {
+        for device in self.devices.state() {
+            self.check_model(&device).await;
+        }
     }
 
     /// Warns about a projected Device whose model is missing or lacks some

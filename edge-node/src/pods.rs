@@ -1920,8 +1920,7 @@ mod tests {
 
     /// An engine over a replica in a fresh directory (removed by the caller).
     fn engine_in(name: &str) -> (Engine, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = std::env::temp_dir().join(outpost_sync::test_utils::unique_name(name));
         let me = PeerId::from(iroh::SecretKey::generate().public());
         let replica = outpost_sync::replica::Replica::open(&dir, me, Default::default()).unwrap();
         let engine = Engine::new(replica, Roster::new(), Default::default());
