@@ -405,11 +405,14 @@ fn write_unreadable_status(engine: &Engine, node: &str, spec_id: &DocId, error: 
 
 async fn reconcile_loop(shared: Arc<Shared>) {
     let node = shared.config.node.clone();
+    // Any change, and a lag alike, only starts a pass over every pod: a
+    // short queue does.
     let mut changes = shared.engine.with_replica(|r| {
-        r.subscribe_scope(
+        r.subscribe_scope_queued(
             Scope::all()
                 .kinds([DocKind::PodSpec, DocKind::ConfigMap, DocKind::Secret])
                 .node(node.clone()),
+            16,
         )
     });
     if let Some(image) = shared.config.pause_image.clone() {

@@ -473,11 +473,14 @@ async fn run(
     (reports_tx, mut reports_rx): (mpsc::Sender<Report>, mpsc::Receiver<Report>),
     mut control_rx: mpsc::Receiver<Control>,
 ) {
+    // Desired values and models change seldom, and a lag re-reads every
+    // twin: a queue of 256 is plenty.
     let mut sub = engine.with_replica(|r| {
-        r.subscribe_scope(
+        r.subscribe_scope_queued(
             Scope::all()
                 .kinds([DocKind::DeviceDesired, DocKind::DeviceModel])
                 .node(config.node.clone()),
+            256,
         )
     });
     let (done_tx, mut done_rx) = mpsc::channel(256);

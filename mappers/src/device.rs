@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior, sleep_until};
+use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::driver::{Change, DeviceState, Driver, Health, Reading, WriteError};
+use crate::driver::{Changes, DeviceState, Driver, Health, Reading, WriteError};
 
 /// What a device task reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,7 +125,7 @@ pub struct DeviceHandle {
 #[derive(Debug, Clone)]
 pub struct DeviceSender {
     id: String,
-    commands: mpsc::Sender<Box<Command>>,
+    commands: flume::Sender<Box<Command>>,
 }
 
 impl DeviceSender {
@@ -138,7 +138,7 @@ impl DeviceSender {
     ) -> Result<Result<(), WriteError>, Stopped> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Box::new(Command::Write {
+            .send_async(Box::new(Command::Write {
                 property: property.to_owned(),
                 value: value.to_owned(),
                 reply,
@@ -198,9 +198,9 @@ pub fn spawn<D: Driver + 'static>(
     reports: mpsc::Sender<Report>,
 ) -> DeviceHandle {
     let id = id.into();
-    // Boxed commands: tokio allocates a channel's slots 32 at a time
-    // whatever its capacity, so small slots keep an idle device small.
-    let (commands, inbox) = mpsc::channel(COMMANDS_CAPACITY);
+    // A flume channel, as a driver's changes (see `driver::Changes`): every
+    // device has one, mostly idle. Boxed commands keep its slots small.
+    let (commands, inbox) = flume::bounded(COMMANDS_CAPACITY);
     let task = tokio::spawn(run(id.clone(), driver, config, reports, inbox));
     DeviceHandle {
         sender: DeviceSender { id, commands },
@@ -217,12 +217,15 @@ fn run<D: Driver>(
     mut driver: D,
     config: RunConfig,
     reports: mpsc::Sender<Report>,
-    mut inbox: mpsc::Receiver<Box<Command>>,
+    inbox: flume::Receiver<Box<Command>>,
 ) -> impl Future<Output = ()> {
     async move {
         let mut backoff = Backoff::new(config.backoff_base, config.backoff_max, config.seed);
         let mut changes = driver.take_changes();
         let mut state = driver.health().state();
+        // One timer for both states: the collect cycle while connected, the
+        // next reconnect while not (a timer of its own would add 112 bytes
+        // to every device's task).
         let mut tick = tokio::time::interval(config.collect_cycle.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut next_connect = Instant::now();
@@ -249,6 +252,8 @@ fn run<D: Driver>(
                     Ok(()) => {
                         debug!(device = %id, "connected");
                         link = driver.link();
+                        // Read at once, then every collect cycle.
+                        tick.reset_immediately();
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
@@ -256,11 +261,26 @@ fn run<D: Driver>(
                         next_connect = Instant::now() + delay;
                     }
                 }
-                report_state(&id, driver.health().clone(), &mut state, &reports).await;
+                // Boxed, here and below: a state report is rare, and its
+                // future inline would add 450 bytes to every device's task.
+                Box::pin(report_state(
+                    &id,
+                    driver.health().clone(),
+                    &mut state,
+                    &reports,
+                ))
+                .await;
             }
             let connected = driver.is_connected();
+            if !connected {
+                tick.reset_at(next_connect);
+            }
             tokio::select! {
-                _ = tick.tick(), if connected => {
+                _ = tick.tick() => {
+                    if !connected {
+                        // Time to reconnect (at the top of the loop).
+                        continue;
+                    }
                     let started = Instant::now();
                     let read = Box::pin(driver.read()).await;
                     observe(
@@ -280,9 +300,8 @@ fn run<D: Driver>(
                             next_connect = Instant::now() + delay;
                         }
                     }
-                    report_state(&id, driver.health().clone(), &mut state, &reports).await;
+                    Box::pin(report_state(&id, driver.health().clone(), &mut state, &reports)).await;
                 }
-                () = sleep_until(next_connect), if !connected => {}
                 () = link_down(&mut link), if connected => {
                     let delay = backoff.next_delay();
                     debug!(device = %id, retry_in = ?delay, "connection lost");
@@ -298,7 +317,7 @@ fn run<D: Driver>(
                         debug!(device = %id, error = %e, retry_in = ?delay, "upkeep failed");
                         next_connect = Instant::now() + delay;
                     }
-                    report_state(&id, driver.health().clone(), &mut state, &reports).await;
+                    Box::pin(report_state(&id, driver.health().clone(), &mut state, &reports)).await;
                 }
                 change = recv_change(&mut changes) => {
                     match change {
@@ -308,14 +327,14 @@ fn run<D: Driver>(
                         None => changes = None,
                     }
                 }
-                permit = reports.reserve(), if unsent.is_some() => {
+                permit = room(&reports, unsent.is_some()), if unsent.is_some() => {
                     let readings = unsent.take().unwrap_or_default();
                     if let Ok(permit) = permit {
                         permit.send(Report::Values { device: id.clone(), readings });
                     }
                 }
-                command = inbox.recv() => {
-                    let Some(Command::Write { property, value, reply }) = command.map(|c| *c) else {
+                command = inbox.recv_async() => {
+                    let Ok(Command::Write { property, value, reply }) = command.map(|c| *c) else {
                         debug!(device = %id, "handle dropped; stopping");
                         return;
                     };
@@ -333,7 +352,7 @@ fn run<D: Driver>(
                         }
                     };
                     let _ = reply.send(result);
-                    report_state(&id, driver.health().clone(), &mut state, &reports).await;
+                    Box::pin(report_state(&id, driver.health().clone(), &mut state, &reports)).await;
                 }
             }
         }
@@ -378,6 +397,19 @@ fn offer(
     }
 }
 
+/// Room for one report, when readings wait for it. Boxed: waiting for room
+/// is rare, and the future inline would add 136 bytes to every device's
+/// task.
+async fn room(
+    reports: &mpsc::Sender<Report>,
+    waiting: bool,
+) -> Result<mpsc::Permit<'_, Report>, mpsc::error::SendError<()>> {
+    if !waiting {
+        return std::future::pending().await;
+    }
+    Box::pin(reports.reserve()).await
+}
+
 async fn link_down(link: &mut Option<watch::Receiver<bool>>) {
     match link {
         Some(rx) => {
@@ -396,9 +428,9 @@ async fn upkeep_tick(upkeep: &mut Option<tokio::time::Interval>) {
     }
 }
 
-async fn recv_change(changes: &mut Option<mpsc::Receiver<Change>>) -> Option<Reading> {
+async fn recv_change(changes: &mut Option<Changes>) -> Option<Reading> {
     match changes {
-        Some(rx) => rx.recv().await.map(|change| *change),
+        Some(rx) => rx.recv_async().await.ok().map(|change| *change),
         None => std::future::pending().await,
     }
 }
@@ -469,7 +501,7 @@ mod tests {
             health: Health::default(),
         };
         let (reports, _) = mpsc::channel(1);
-        let (_, inbox) = mpsc::channel(1);
+        let (_, inbox) = flume::bounded(1);
         std::mem::size_of_val(&run(
             "d".into(),
             driver,
@@ -477,6 +509,19 @@ mod tests {
             reports,
             inbox,
         ))
+    }
+
+    /// Every device has a task, mostly idle: what its loop keeps while it
+    /// waits (timers, channel futures, the task's own state) is paid a
+    /// thousand times on a node with a thousand devices. Rare waits (a full
+    /// report channel, a state report) are boxed so as not to count here.
+    #[test]
+    fn an_idle_device_task_stays_small() {
+        let size = task_size::<0>();
+        assert!(
+            size <= 1000,
+            "a device's task, its driver aside, takes {size} bytes"
+        );
     }
 
     /// Every device has a task: its future holds the driver once, not

@@ -356,7 +356,7 @@ async fn probe_mqtt(args: MqttProbe) -> anyhow::Result<Value> {
         protocol["commandTopic"] = json!(topic);
     }
     let mut driver = MqttDriver::new(MqttConfig::from_config(&protocol)?, vec![property]);
-    let mut changes = driver.take_changes().context("no telemetry channel")?;
+    let changes = driver.take_changes().context("no telemetry channel")?;
     driver.connect().await.context("connecting")?;
     if let Some(text) = args.property.write.as_deref() {
         driver
@@ -365,7 +365,7 @@ async fn probe_mqtt(args: MqttProbe) -> anyhow::Result<Value> {
             .context("publishing the command")?;
     }
     let wait = Duration::from_millis(args.wait_ms);
-    let Ok(Some(reading)) = tokio::time::timeout(wait, changes.recv()).await else {
+    let Ok(Ok(reading)) = tokio::time::timeout(wait, changes.recv_async()).await else {
         bail!("no telemetry carrying {:?} within {wait:?}", args.key);
     };
     driver.disconnect().await;

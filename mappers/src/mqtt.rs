@@ -34,14 +34,15 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 use serde_json::Value as Json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
 use crate::config::{ConfigData, ConfigError};
 use crate::driver::{
-    Change, ConnectError, Driver, Health, PropertyError, ReadError, Reading, WriteError,
+    ChangeSender, Changes, ConnectError, Driver, Health, PropertyError, ReadError, Reading,
+    WriteError, change_channel,
 };
 use crate::property::{DataType, PropertySpec, Value, ValueError};
 
@@ -252,7 +253,10 @@ pub struct MqttStats {
 
 #[derive(Default)]
 struct Shared {
-    latest: HashMap<usize, Result<Value, PropertyError>>,
+    /// The latest value of each property, by its place in the device's
+    /// properties; empty until the first message. A vector, not a map: a
+    /// map's first table is 180 bytes for a device of one property.
+    latest: Vec<Option<Result<Value, PropertyError>>>,
     stats: MqttStats,
 }
 
@@ -261,7 +265,7 @@ struct Shared {
 struct Sink {
     properties: Vec<MqttProperty>,
     shared: Mutex<Shared>,
-    changes: mpsc::Sender<Change>,
+    changes: ChangeSender,
 }
 
 // ------------------------------------------------------------ shared connections
@@ -300,8 +304,11 @@ enum HubStatus {
 struct Route {
     id: u64,
     sink: Arc<Sink>,
-    /// Whether the subscription is acknowledged and the connection up.
-    up: watch::Sender<bool>,
+    /// Told whether the broker took the subscription, at its first
+    /// acknowledgement. A oneshot, not a watch per device: once the
+    /// subscription stands, the device's link is the connection's
+    /// ([`Hub::up`]), and 1,000 devices' watches would take 370 KB.
+    ack: Option<oneshot::Sender<bool>>,
 }
 
 #[derive(Default)]
@@ -323,6 +330,8 @@ struct Hub {
     key: HubKey,
     client: AsyncClient,
     status: watch::Receiver<HubStatus>,
+    /// Whether the connection is up: every device's link on it.
+    up: watch::Receiver<bool>,
     routes: Arc<Mutex<Routes>>,
     task: JoinHandle<()>,
 }
@@ -391,12 +400,14 @@ impl Hub {
         network.set_connection_timeout(key.timeout.as_secs().max(1));
         events.set_network_options(network);
         let (status_tx, status) = watch::channel(HubStatus::Connecting);
+        let (up_tx, up) = watch::channel(false);
         let routes = Arc::new(Mutex::new(Routes::default()));
         let task = tokio::spawn(drive(
             events,
             HubGuard {
                 routes: routes.clone(),
                 status: status_tx,
+                up: up_tx,
             },
             format!("{}:{}", key.host, key.port),
         ));
@@ -404,6 +415,7 @@ impl Hub {
             key,
             client,
             status,
+            up,
             routes,
             task,
         }
@@ -419,8 +431,8 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn add_route(&self, topic: &str, sink: Arc<Sink>) -> (u64, watch::Receiver<bool>) {
-        let (up, rx) = watch::channel(false);
+    fn add_route(&self, topic: &str, sink: Arc<Sink>) -> (u64, oneshot::Receiver<bool>) {
+        let (ack, rx) = oneshot::channel();
         let mut routes = self.routes();
         routes.next_id += 1;
         let id = routes.next_id;
@@ -428,7 +440,11 @@ impl Hub {
             .by_topic
             .entry(topic.to_owned())
             .or_default()
-            .push(Route { id, sink, up });
+            .push(Route {
+                id,
+                sink,
+                ack: Some(ack),
+            });
         (id, rx)
     }
 
@@ -483,6 +499,7 @@ impl Drop for Hub {
 struct HubGuard {
     routes: Arc<Mutex<Routes>>,
     status: watch::Sender<HubStatus>,
+    up: watch::Sender<bool>,
 }
 
 impl HubGuard {
@@ -503,8 +520,11 @@ impl Drop for HubGuard {
                 true
             }
         });
-        for route in self.routes().by_topic.values().flatten() {
-            route.up.send_replace(false);
+        self.up.send_replace(false);
+        // Devices still waiting for their subscription hear that the
+        // connection ended.
+        for route in self.routes().by_topic.values_mut().flatten() {
+            route.ack = None;
         }
     }
 }
@@ -518,6 +538,7 @@ async fn drive(mut events: rumqttc::EventLoop, guard: HubGuard, broker: String) 
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 debug!(%broker, "MQTT connection up");
                 guard.status.send_replace(HubStatus::Up);
+                guard.up.send_replace(true);
             }
             Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
                 let mut routes = guard.routes();
@@ -546,8 +567,10 @@ async fn drive(mut events: rumqttc::EventLoop, guard: HubGuard, broker: String) 
                 if !ok {
                     warn!(%broker, %topic, "the broker refused the subscription");
                 }
-                for route in routes.by_topic.get(&topic).into_iter().flatten() {
-                    route.up.send_replace(ok);
+                for route in routes.by_topic.get_mut(&topic).into_iter().flatten() {
+                    if let Some(ack) = route.ack.take() {
+                        let _ = ack.send(ok);
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -591,7 +614,6 @@ struct Connection {
     hub: Arc<Hub>,
     topic: String,
     route: u64,
-    up: watch::Receiver<bool>,
 }
 
 impl Drop for Connection {
@@ -607,7 +629,7 @@ pub struct MqttDriver {
     specs: Vec<PropertySpec>,
     conn: Option<Connection>,
     health: Health,
-    changes_rx: Option<mpsc::Receiver<Change>>,
+    changes_rx: Option<Changes>,
 }
 
 impl std::fmt::Debug for MqttDriver {
@@ -631,7 +653,7 @@ impl MqttDriver {
     /// A driver for the given properties (not yet connected).
     pub fn new(config: MqttConfig, properties: Vec<MqttProperty>) -> Self {
         let specs = properties.iter().map(|p| p.spec.clone()).collect();
-        let (changes, changes_rx) = mpsc::channel(CHANGES_CAPACITY);
+        let (changes, changes_rx) = change_channel(CHANGES_CAPACITY);
         Self {
             config,
             sink: Arc::new(Sink {
@@ -673,20 +695,21 @@ impl MqttDriver {
             Ok(_) => {}
         }
         let topic = self.config.telemetry_topic.clone();
-        let (route, mut up) = hub.add_route(&topic, self.sink.clone());
+        let (route, ack) = hub.add_route(&topic, self.sink.clone());
         let conn = Connection {
             hub: hub.clone(),
             topic: topic.clone(),
             route,
-            up: up.clone(),
         };
         hub.subscribe(&topic, self.config.qos).await?;
         tokio::select! {
-            acked = up.wait_for(|up| *up) => {
-                if acked.is_err() {
-                    return Err(ended("connection ended"));
+            acked = ack => match acked {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(ended(&format!("the broker refused the subscription to {topic}")));
                 }
-            }
+                Err(_) => return Err(ended("connection ended")),
+            },
             down = status.wait_for(|s| matches!(s, HubStatus::Down(_))) => {
                 let why = match down.as_deref() {
                     Ok(HubStatus::Down(why)) => why.clone(),
@@ -703,7 +726,7 @@ fn take_message(
     payload: &[u8],
     properties: &[MqttProperty],
     shared: &Mutex<Shared>,
-    changes: &mpsc::Sender<Change>,
+    changes: &ChangeSender,
     topic: &str,
 ) {
     let parsed: Result<Json, String> = serde_json::from_slice(payload).map_err(|e| e.to_string());
@@ -737,8 +760,11 @@ fn take_message(
     }
     if let Ok(mut s) = shared.lock() {
         s.stats.messages += 1;
+        s.latest.resize_with(properties.len(), || None);
         for (i, v) in &updates {
-            s.latest.insert(*i, v.clone());
+            if let Some(slot) = s.latest.get_mut(*i) {
+                *slot = Some(v.clone());
+            }
         }
     }
     for (i, value) in updates {
@@ -775,7 +801,7 @@ impl Driver for MqttDriver {
     fn is_connected(&self) -> bool {
         self.conn
             .as_ref()
-            .is_some_and(|c| *c.up.borrow() && !c.hub.is_down())
+            .is_some_and(|c| *c.hub.up.borrow() && !c.hub.is_down())
     }
 
     async fn connect(&mut self) -> Result<(), ConnectError> {
@@ -817,8 +843,8 @@ impl Driver for MqttDriver {
             .map(|(i, p)| Reading {
                 property: p.spec.name.clone(),
                 value: latest
-                    .and_then(|l| l.get(&i))
-                    .cloned()
+                    .and_then(|l| l.get(i))
+                    .and_then(Option::clone)
                     .unwrap_or(Err(PropertyError::NoValue)),
             })
             .collect())
@@ -881,10 +907,10 @@ impl Driver for MqttDriver {
     }
 
     fn link(&self) -> Option<watch::Receiver<bool>> {
-        self.conn.as_ref().map(|c| c.up.clone())
+        self.conn.as_ref().map(|c| c.hub.up.clone())
     }
 
-    fn take_changes(&mut self) -> Option<mpsc::Receiver<Change>> {
+    fn take_changes(&mut self) -> Option<Changes> {
         self.changes_rx.take()
     }
 }
@@ -970,7 +996,7 @@ mod tests {
             MqttProperty::from_config(PropertySpec::new("t", DataType::Int), &json!({})).unwrap(),
         ];
         let shared = Mutex::new(Shared::default());
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, rx) = change_channel(4);
         for bad in [&b"{not json"[..], b"[1,2]", b"\xff\xfe", b""] {
             take_message(bad, &props, &shared, &tx, "t");
         }

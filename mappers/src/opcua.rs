@@ -36,14 +36,15 @@ use opcua::types::{
     MonitoringParameters, NodeId, NotificationMessage, ReadValueId, TimestampsToReturn, UAString,
     UserTokenPolicy, Variant, VariantScalarTypeId, WriteValue,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, warn};
 
 use crate::config::{ConfigData, ConfigError};
 use crate::driver::{
-    Change, ConnectError, Driver, Health, PropertyError, ReadError, Reading, WriteError,
+    ChangeSender, Changes, ConnectError, Driver, Health, PropertyError, ReadError, Reading,
+    WriteError, change_channel,
 };
 use crate::property::{DataType, PropertySpec, Value, ValueError};
 
@@ -275,8 +276,8 @@ pub struct OpcUaDriver {
     conn: Option<Connection>,
     health: Health,
     stats: OpcUaStats,
-    changes_tx: mpsc::Sender<Change>,
-    changes_rx: Option<mpsc::Receiver<Change>>,
+    changes_tx: ChangeSender,
+    changes_rx: Option<Changes>,
     last_heard: Arc<Mutex<Instant>>,
 }
 
@@ -294,7 +295,7 @@ impl OpcUaDriver {
     /// A driver for the given properties (not yet connected).
     pub fn new(config: OpcUaConfig, properties: Vec<OpcUaProperty>) -> Self {
         let specs = properties.iter().map(|p| p.spec.clone()).collect();
-        let (changes_tx, changes_rx) = mpsc::channel(1024);
+        let (changes_tx, changes_rx) = change_channel(1024);
         Self {
             scalar_types: vec![None; properties.len()],
             config,
@@ -513,7 +514,7 @@ fn handle_of(index: usize) -> u32 {
 /// Receives a subscription's notifications (keep-alives included).
 struct Notifier {
     properties: Vec<(String, DataType)>,
-    tx: mpsc::Sender<Change>,
+    tx: ChangeSender,
     last_heard: Arc<Mutex<Instant>>,
 }
 
@@ -789,7 +790,7 @@ impl Driver for OpcUaDriver {
         self.check_subscription().await.map(|_| ())
     }
 
-    fn take_changes(&mut self) -> Option<mpsc::Receiver<Change>> {
+    fn take_changes(&mut self) -> Option<Changes> {
         if self.config.subscribe.is_some() {
             self.changes_rx.take()
         } else {

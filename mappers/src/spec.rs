@@ -20,10 +20,10 @@
 use std::time::Duration;
 
 use serde_json::Value as Json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::device::RunConfig;
-use crate::driver::{Change, ConnectError, Driver, Health, ReadError, Reading, WriteError};
+use crate::driver::{Changes, ConnectError, Driver, Health, ReadError, Reading, WriteError};
 use crate::modbus::visitor::ModbusVisitor;
 use crate::modbus::{Framing, ModbusConfig, ModbusDriver, ModbusProperty};
 use crate::mqtt::{MqttConfig, MqttDriver, MqttProperty};
@@ -262,7 +262,7 @@ impl Driver for AnyDriver {
         dispatch!(self, d => d.maintain().await)
     }
 
-    fn take_changes(&mut self) -> Option<mpsc::Receiver<Change>> {
+    fn take_changes(&mut self) -> Option<Changes> {
         dispatch!(self, d => d.take_changes())
     }
 }

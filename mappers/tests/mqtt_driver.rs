@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use outpost_mappers::device::{self, Report, RunConfig};
-use outpost_mappers::driver::{Change, DeviceState, Driver, PropertyError, WriteError};
+use outpost_mappers::driver::{Changes, DeviceState, Driver, PropertyError, WriteError};
 use outpost_mappers::mqtt::{MqttConfig, MqttDriver, MqttProperty};
 use outpost_mappers::property::{PropertySpec, Value, ValueError};
 use outpost_mappers::test_utils::SimProcess;
@@ -90,13 +90,10 @@ fn config(host: &str, port: u16, base: &str) -> MqttConfig {
     .unwrap()
 }
 
-async fn next_change(
-    rx: &mut mpsc::Receiver<Change>,
-    property: &str,
-) -> Result<Value, PropertyError> {
+async fn next_change(rx: &mut Changes, property: &str) -> Result<Value, PropertyError> {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            let r = rx.recv().await.unwrap();
+            let r = rx.recv_async().await.unwrap();
             if r.property == property {
                 return r.value;
             }
@@ -216,6 +213,37 @@ async fn telemetry_in_commands_out() {
         "no refused command reached the device"
     );
     driver.disconnect().await;
+}
+
+/// A broker that refuses the telemetry subscription (its access list does
+/// not let the client read the topic): connecting fails at once, naming the
+/// topic, instead of waiting out the timeout; a topic it allows works.
+#[tokio::test]
+async fn a_refused_subscription_fails_the_connect_at_once() {
+    let broker = SimProcess::mosquitto_with(&[
+        ("mosquitto.conf", "acl_file {dir}/acl\n"),
+        ("acl", "topic read allowed/#\n"),
+    ])
+    .await
+    .unwrap();
+    let mut denied = MqttDriver::new(config("127.0.0.1", broker.port, "denied/dev"), props());
+    let started = std::time::Instant::now();
+    let err = denied.connect().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the broker refused the subscription to denied/dev/telemetry"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the refusal took {:?} (the timeout is 3 s)",
+        started.elapsed()
+    );
+    assert!(!denied.is_connected());
+    let mut allowed = MqttDriver::new(config("127.0.0.1", broker.port, "allowed/dev"), props());
+    allowed.connect().await.unwrap();
+    assert!(allowed.is_connected());
+    allowed.disconnect().await;
 }
 
 #[tokio::test]

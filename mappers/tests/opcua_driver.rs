@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use outpost_mappers::device::{self, Report, RunConfig};
-use outpost_mappers::driver::{Change, DeviceState, Driver, PropertyError, Reading, WriteError};
+use outpost_mappers::driver::{Changes, DeviceState, Driver, PropertyError, Reading, WriteError};
 use outpost_mappers::opcua::{OpcUaConfig, OpcUaDriver, OpcUaProperty, Security, SubscribeConfig};
 use outpost_mappers::property::{PropertySpec, Value, ValueError};
 use outpost_mappers::test_utils::SimProcess;
@@ -238,10 +238,10 @@ async fn the_watchdog_recreates_a_subscription_the_server_forgot() {
     let mut changes = driver.take_changes().unwrap();
     driver.connect().await.unwrap();
     assert_eq!(driver.stats().subscriptions_created, 1);
-    let wait_counter = async |changes: &mut mpsc::Receiver<Change>| {
+    let wait_counter = async |changes: &mut Changes| {
         tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                let r = changes.recv().await.unwrap();
+                let r = changes.recv_async().await.unwrap();
                 if r.property == "counter" {
                     return r.value.unwrap();
                 }

@@ -535,7 +535,15 @@ impl Replica {
     /// Ids of changed documents within `scope`, as they are persisted. See
     /// [`Subscription`].
     pub fn subscribe_scope(&mut self, scope: Scope) -> Subscription {
-        let (tx, rx) = broadcast::channel(SCOPED_QUEUE);
+        self.subscribe_scope_queued(scope, SCOPED_QUEUE)
+    }
+
+    /// [`Replica::subscribe_scope`] holding at most `queue` changed
+    /// documents before it lags. The queue's slots are allocated at once
+    /// (about 56 bytes each): a subscriber that re-reads its scope anyway, or
+    /// whose scope rarely changes, can keep a small one.
+    pub fn subscribe_scope_queued(&mut self, scope: Scope, queue: usize) -> Subscription {
+        let (tx, rx) = broadcast::channel(queue.max(1));
         self.scoped.push((scope.clone(), tx));
         Subscription { rx, scope }
     }
