@@ -227,7 +227,7 @@ async fn a_refused_subscription_fails_the_connect_at_once() {
     .await
     .unwrap();
     let mut denied = MqttDriver::new(config("127.0.0.1", broker.port, "denied/dev"), props());
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let err = denied.connect().await.unwrap_err();
     assert!(
         err.to_string()
