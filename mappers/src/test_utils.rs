@@ -71,31 +71,16 @@ impl SimProcess {
 
     /// Starts a mosquitto broker of its own, listening on loopback only.
     pub async fn mosquitto() -> Result<Self, SimError> {
-        Self::mosquitto_with(&[]).await
-    }
-
-    /// [`Self::mosquitto`] with more files beside its configuration, as
-    /// `(name, contents)`; a `{dir}` in any of them is replaced by the
-    /// folder they are in. A file named `mosquitto.conf` is appended to the
-    /// configuration.
-    pub async fn mosquitto_with(files: &[(&str, &str)]) -> Result<Self, SimError> {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(outpost_sync::test_utils::unique_name("outpost-mosquitto"));
         let conf = dir.join("mosquitto.conf");
-        let mut text =
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n");
-        let in_dir = |s: &str| s.replace("{dir}", &dir.to_string_lossy());
         std::fs::create_dir_all(&dir)
             .and_then(|()| {
-                for (name, contents) in files {
-                    if *name == "mosquitto.conf" {
-                        text.push_str(&in_dir(contents));
-                    } else {
-                        std::fs::write(dir.join(name), in_dir(contents))?;
-                    }
-                }
-                std::fs::write(&conf, &text)
+                std::fs::write(
+                    &conf,
+                    format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+                )
             })
             .map_err(|source| SimError::Spawn {
                 script: "mosquitto".into(),
