@@ -327,7 +327,7 @@ fn run<D: Driver>(
                         None => changes = None,
                     }
                 }
-                permit = room(&reports, unsent.is_some()), if unsent.is_some() => {
+                permit = room(&reports), if unsent.is_some() => {
                     let readings = unsent.take().unwrap_or_default();
                     if let Ok(permit) = permit {
                         permit.send(Report::Values { device: id.clone(), readings });
@@ -397,16 +397,12 @@ fn offer(
     }
 }
 
-/// Room for one report, when readings wait for it. Boxed: waiting for room
-/// is rare, and the future inline would add 136 bytes to every device's
-/// task.
+/// Room for one report. Boxed: waiting for room is rare, and the future
+/// inline would add 136 bytes to every device's task. The box is made at
+/// the first poll, which the loop only does while readings wait.
 async fn room(
     reports: &mpsc::Sender<Report>,
-    waiting: bool,
 ) -> Result<mpsc::Permit<'_, Report>, mpsc::error::SendError<()>> {
-    if !waiting {
-        return std::future::pending().await;
-    }
     Box::pin(reports.reserve()).await
 }
 
