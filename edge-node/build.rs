@@ -37,12 +37,27 @@ fn main() {
         && !set("OUTPOST_EDGE_NO_LINK_ORDER")
     {
         let order = std::path::Path::new(&target("CARGO_MANIFEST_DIR")).join("link-order.txt");
+        // The linker reads a copy in OUT_DIR, not the checkout's file: the
+        // target dir is shared by every clone, and cargo reuses this
+        // script's output for a clone at another path (its fingerprint does
+        // not name the path). A path into a clone since removed would then
+        // fail the link.
+        let copy = std::path::Path::new(&target("OUT_DIR")).join("link-order.txt");
         if order.is_file() {
-            println!(
-                "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-                order.display()
-            );
-            println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+            match std::fs::copy(&order, &copy) {
+                Ok(_) => {
+                    println!(
+                        "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+                        copy.display()
+                    );
+                    println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+                }
+                Err(err) => println!(
+                    "cargo:warning=link order not used: copying {} to {}: {err}",
+                    order.display(),
+                    copy.display()
+                ),
+            }
         }
     }
 }
