@@ -19,6 +19,12 @@
 //!   skipped; a stale file costs memory, never correctness.
 //!   `OUTPOST_EDGE_NO_LINK_ORDER=1` turns it off (for a linker other than
 //!   lld).
+//! - The C++ standard library (RocksDB's) is linked statically. The shared
+//!   `libstdc++` kept about 1.5 MB resident in every agent (its code, and the
+//!   symbol and relocation tables the loader reads at start); linked in, only
+//!   the members RocksDB uses come along, and their hot code joins the link
+//!   order. `OUTPOST_EDGE_DYNAMIC_LIBSTDCXX=1` at build time links the shared
+//!   library instead.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -29,6 +35,17 @@ fn main() {
     let set = |key: &str| std::env::var(key).is_ok_and(|v| !v.is_empty() && v != "0");
     let linux_gnu =
         target("CARGO_CFG_TARGET_OS") == "linux" && target("CARGO_CFG_TARGET_ENV") == "gnu";
+    println!("cargo:rerun-if-env-changed=OUTPOST_EDGE_DYNAMIC_LIBSTDCXX");
+    if linux_gnu && !set("OUTPOST_EDGE_DYNAMIC_LIBSTDCXX") {
+        // Given to the library target, so every binary linking it, and
+        // listed before RocksDB's own `-lstdc++` (a shared library): the
+        // linker takes the archive's members and drops the shared library.
+        println!("cargo:rustc-link-lib=static:-bundle=stdc++");
+        // The shared library stays on the command line, so the linker would
+        // export every C++ symbol the binary defines in its place (340 KB of
+        // dynamic symbol tables, read at every start); nothing needs them.
+        println!("cargo:rustc-link-arg-bins=-Wl,--exclude-libs,ALL");
+    }
     if linux_gnu && !set("OUTPOST_EDGE_NO_RELR") {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
