@@ -110,11 +110,46 @@ async fn agent_main() -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::resolve(&args)?;
     let agent = Agent::start(&config).await?;
+    tokio::spawn(return_freed_memory());
     outpost_sync::signal::shutdown().await;
     info!("shutting down; containers keep running");
     agent.shutdown().await;
     Ok(())
 }
+
+/// How often the agent hands freed heap memory back to the system.
+const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Hands the heap's free pages back to the system, now and then.
+///
+/// glibc's malloc returns memory by itself only from the top of the heap.
+/// Starting a node's pods and devices, and answering the local API's lists,
+/// allocate much for a short while among what lives on; freed, that memory
+/// stays resident in holes between live allocations (about 0.6 MB with 100
+/// pods and 1,000 devices). `malloc_trim` releases the whole pages of those
+/// holes; it takes well under a millisecond on a node's heap.
+async fn return_freed_memory() {
+    let mut every = tokio::time::interval(TRIM_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        trim_heap();
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[expect(unsafe_code, reason = "glibc's malloc_trim has no safe binding")]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointer and has no precondition; it locks
+    // the allocator's arenas as malloc and free do.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other allocators return freed memory by themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 async fn join(args: JoinArgs) -> anyhow::Result<()> {
     use anyhow::Context;

@@ -31,3 +31,44 @@ fn the_link_order_lists_each_function_once() {
     // means the profiles missed the workload.
     assert!(functions > 3_000, "only {functions} functions listed");
 }
+
+/// `readelf` on the agent binary, as lld and the dynamic loader see it.
+fn readelf(args: &[&str]) -> String {
+    let out = std::process::Command::new("readelf")
+        .args(args)
+        .arg(env!("CARGO_BIN_EXE_outpost-edge"))
+        .output()
+        .expect("run readelf (binutils)");
+    assert!(out.status.success(), "readelf {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The C++ standard library is linked in (`build.rs`): the shared one kept
+/// about 1.5 MB resident in every agent. Linked in, its symbols must not be
+/// exported either: thousands of them, 340 KB of tables read at each start.
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn the_agent_carries_its_cxx_library_and_exports_nothing() {
+    if option_env!("OUTPOST_EDGE_DYNAMIC_LIBSTDCXX").is_some_and(|v| !v.is_empty() && v != "0") {
+        return;
+    }
+    let dynamic = readelf(&["-d", "-W"]);
+    let needed: Vec<&str> = dynamic.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    assert!(!needed.is_empty(), "no NEEDED entries in:\n{dynamic}");
+    assert!(
+        needed.iter().all(|l| !l.contains("libstdc++")),
+        "the agent needs the shared libstdc++: {needed:?}"
+    );
+    // Columns: Num: Value Size Type Bind Vis Ndx Name; defined ones have an
+    // index, not UND.
+    let symbols = readelf(&["--dyn-syms", "-W"]);
+    let defined = symbols
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(6)
+                .is_some_and(|ndx| ndx.parse::<u32>().is_ok())
+        })
+        .count();
+    assert!(defined < 100, "the agent exports {defined} dynamic symbols");
+}

@@ -34,9 +34,8 @@ const FORMAT: &[u8] = b"outpost-store-2";
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Bound on the memtables of all column families together.
 const DB_WRITE_BUFFER_BYTES: usize = 4 << 20;
-/// One block cache for all column families of a store, index and filter
-/// blocks included.
-const BLOCK_CACHE_BYTES: usize = 2 << 20;
+/// Default size of the block cache ([`StoreOptions::block_cache_bytes`]).
+pub const BLOCK_CACHE_BYTES: usize = 2 << 20;
 
 /// Errors of the event store.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +127,11 @@ pub struct StoreOptions {
     /// tests). Stores reopened with the same [`MemoryDisk`] and path find
     /// what was written before, as after a process restart.
     pub memory: Option<MemoryDisk>,
+    /// One block cache for all column families of a store, index and filter
+    /// blocks included: decompressed blocks read recently. What it does not
+    /// hold is read through the operating system's page cache, which is not
+    /// the process's memory. Default [`BLOCK_CACHE_BYTES`].
+    pub block_cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -136,6 +140,7 @@ impl Default for StoreOptions {
             sync_writes: false,
             compact_after_chunks: 64,
             memory: None,
+            block_cache_bytes: BLOCK_CACHE_BYTES,
         }
     }
 }
@@ -234,7 +239,7 @@ impl Store {
         db_opts.set_max_write_buffer_number(2);
         db_opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+        table.set_block_cache(&Cache::new_lru_cache(options.block_cache_bytes));
         table.set_cache_index_and_filter_blocks(true);
         table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         db_opts.set_block_based_table_factory(&table);
