@@ -30,8 +30,9 @@ const CF_PEERS: &str = "peers";
 const CF_META: &str = "meta";
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"outpost-store-2";
-/// Memtable size of each column family (RocksDB's default is 64 MB).
-const WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Default memtable size of each column family ([`StoreOptions::memtable_bytes`];
+/// RocksDB's default is 64 MB).
+pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Bound on the memtables of all column families together.
 const DB_WRITE_BUFFER_BYTES: usize = 4 << 20;
 /// Default size of the block cache ([`StoreOptions::block_cache_bytes`]).
@@ -132,6 +133,10 @@ pub struct StoreOptions {
     /// hold is read through the operating system's page cache, which is not
     /// the process's memory. Default [`BLOCK_CACHE_BYTES`].
     pub block_cache_bytes: usize,
+    /// Memtable size of each column family: writes gather in memory up to
+    /// this much before they are flushed to a table file. Default
+    /// [`WRITE_BUFFER_BYTES`].
+    pub memtable_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -141,6 +146,7 @@ impl Default for StoreOptions {
             compact_after_chunks: 64,
             memory: None,
             block_cache_bytes: BLOCK_CACHE_BYTES,
+            memtable_bytes: WRITE_BUFFER_BYTES,
         }
     }
 }
@@ -235,7 +241,7 @@ impl Store {
         // little of it, and a simulated fleet holds many stores. Without
         // this, each column family's memtable could grow to RocksDB's default
         // 64 MB and each would have its own 32 MB block cache.
-        db_opts.set_write_buffer_size(WRITE_BUFFER_BYTES);
+        db_opts.set_write_buffer_size(options.memtable_bytes);
         db_opts.set_max_write_buffer_number(2);
         db_opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
         let mut table = BlockBasedOptions::default();
@@ -247,7 +253,7 @@ impl Store {
             .into_iter()
             .map(|name| {
                 let mut cf = Options::default();
-                cf.set_write_buffer_size(WRITE_BUFFER_BYTES);
+                cf.set_write_buffer_size(options.memtable_bytes);
                 cf.set_max_write_buffer_number(2);
                 cf.set_block_based_table_factory(&table);
                 ColumnFamilyDescriptor::new(name, cf)
