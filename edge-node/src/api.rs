@@ -37,7 +37,7 @@ use tracing::{debug, info};
 
 use crate::clock::now_ms;
 use crate::metrics::EdgeMetrics;
-use crate::twins::TwinView;
+use crate::twins::{PropertyMap, TwinView, Twins};
 
 /// The API's default address.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:10550";
@@ -95,6 +95,14 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::i
 /// Binds the API's address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// A body serde wrote, or a 500 saying why it could not.
+fn json_text_response(text: serde_json::Result<String>) -> Response {
+    match text {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 fn json_response(value: &Value) -> Response {
@@ -308,15 +316,27 @@ async fn configmaps(State(s): State<ApiState>, uri: Uri) -> Response {
 }
 
 async fn devices(State(s): State<ApiState>, uri: Uri) -> Response {
+    if !wants_watch(&uri) {
+        // Written straight from the twins: no copy of them, and no JSON
+        // tree of a thousand devices in between.
+        return s.twins.read(|twins| {
+            #[derive(serde::Serialize)]
+            struct DeviceList<'a> {
+                kind: &'static str,
+                items: TwinList<'a>,
+            }
+            json_text_response(serde_json::to_string(&DeviceList {
+                kind: "DeviceList",
+                items: TwinList(twins),
+            }))
+        });
+    }
     let items: Vec<Value> = s
         .twins
         .snapshot()
         .values()
         .filter_map(|t| serde_json::to_value(t).ok())
         .collect();
-    if !wants_watch(&uri) {
-        return json_response(&json!({"kind": "DeviceList", "items": items}));
-    }
     let (tx, rx) = mpsc::channel(64);
     let mut changes = s.twins.subscribe();
     tokio::spawn(async move {
@@ -400,38 +420,78 @@ async fn status(State(s): State<ApiState>) -> Response {
             })
         })
         .collect();
-    let devices: Vec<Value> = s
-        .twins
-        .snapshot()
-        .values()
-        .map(|t| {
-            let props: serde_json::Map<String, Value> = t
-                .properties
-                .iter()
-                .map(|(name, p)| {
-                    (
-                        name.clone(),
-                        json!({
-                            "actual": p.reported.as_ref().map(|r| r.value.clone()),
-                            "desired": p.desired,
-                        }),
-                    )
-                })
-                .collect();
-            json!({
-                "id": t.id(),
-                "protocol": t.protocol,
-                "state": t.state,
-                "error": t.error,
-                "properties": props,
-            })
-        })
-        .collect();
-    json_response(&json!({
-        "node": s.node,
-        "id": s.engine.me().to_string(),
-        "peers": peers,
-        "pods": pods,
-        "devices": devices,
-    }))
+    // The devices are written straight from the twins (see `devices`).
+    #[derive(serde::Serialize)]
+    struct Status<'a> {
+        node: &'a str,
+        id: String,
+        peers: Vec<Value>,
+        pods: Vec<Value>,
+        devices: DeviceRows<'a>,
+    }
+    let id = s.engine.me().to_string();
+    s.twins.read(|twins| {
+        json_text_response(serde_json::to_string(&Status {
+            node: &s.node,
+            id,
+            peers,
+            pods,
+            devices: DeviceRows(twins),
+        }))
+    })
+}
+
+/// The twins as a list, written from where they are.
+struct TwinList<'a>(&'a Twins);
+
+impl serde::Serialize for TwinList<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.values())
+    }
+}
+
+/// The devices of `/api/v1/status`: id, protocol, state, error, and each
+/// property's actual and desired value.
+struct DeviceRows<'a>(&'a Twins);
+
+impl serde::Serialize for DeviceRows<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            id: String,
+            protocol: &'a str,
+            state: &'a str,
+            error: &'a Option<String>,
+            properties: PropertyRows<'a>,
+        }
+        serializer.collect_seq(self.0.values().map(|t| Row {
+            id: t.id(),
+            protocol: &t.protocol,
+            state: &t.state,
+            error: &t.error,
+            properties: PropertyRows(&t.properties),
+        }))
+    }
+}
+
+struct PropertyRows<'a>(&'a PropertyMap);
+
+impl serde::Serialize for PropertyRows<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            actual: Option<&'a str>,
+            desired: &'a Option<String>,
+        }
+        serializer.collect_map(self.0.iter().map(|(name, p)| {
+            let actual = p.reported.as_ref().map(|r| r.value.as_str());
+            (
+                name,
+                Row {
+                    actual,
+                    desired: &p.desired,
+                },
+            )
+        }))
+    }
 }
