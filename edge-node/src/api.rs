@@ -106,11 +106,7 @@ fn json_text_response(text: serde_json::Result<String>) -> Response {
 }
 
 fn json_response(value: &Value) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        value.to_string(),
-    )
-        .into_response()
+    json_text_response(Ok(value.to_string()))
 }
 
 fn wants_watch(uri: &Uri) -> bool {

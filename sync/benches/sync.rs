@@ -3,7 +3,8 @@
 //! something, single times do not).
 //!
 //! `cargo bench -p outpost-sync --bench sync [-- SECTION...]`, sections:
-//! `reconcile`, `live`, `throughput`, `storage`, `memory` (default: all).
+//! `reconcile`, `live`, `throughput`, `storage`, `desired`, `memory`
+//! (default: all).
 //! `OUTPOST_BENCH_QUICK=1` shrinks the sizes for a smoke run.
 
 #![allow(clippy::unwrap_used, missing_docs)] // a benchmark that fails should stop loudly
@@ -750,6 +751,51 @@ fn storage() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// Device desired-value writes at one replica, one thread: each reads the
+/// document, stamps the value with the replica's clock and writes it. For
+/// analysis, beside raw RocksDB writes with and without an fsync.
+fn desired() {
+    let writes = if quick() { 200 } else { 2000 };
+    let raw = |sync: bool| {
+        let d = tmp("desired-raw");
+        let db = rocksdb::DB::open_default(&d).unwrap();
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(sync);
+        let t = Instant::now();
+        for i in 0..writes {
+            let mut batch = rocksdb::WriteBatch::default();
+            batch.put(format!("key-{i}"), [9u8; 200]);
+            db.write_opt(batch, &opts).unwrap();
+        }
+        let rate = writes as f64 / t.elapsed().as_secs_f64();
+        drop(db);
+        let _ = std::fs::remove_dir_all(&d);
+        rate
+    };
+    let (plain, synced) = (raw(false), raw(true));
+    let d = tmp("desired");
+    let mut r = Replica::open(&d, EDGE, ReplicaOptions::default()).unwrap();
+    let t = Instant::now();
+    for i in 0..writes {
+        let doc: DocId = format!("device-desired/edge-1/default/fan-{}", i % 100)
+            .parse()
+            .unwrap();
+        outpost_sync::desired::set_desired(&mut r, &doc, "speed", &i.to_string(), 1_000 + i)
+            .unwrap();
+    }
+    let rate = writes as f64 / t.elapsed().as_secs_f64();
+    row(
+        "device desired-value writes (read, stamp, write), 100 devices, one thread",
+        format!("{rate:.0} writes/s"),
+        format!("raw RocksDB writes {plain:.0}/s, each with an fsync {synced:.0}/s"),
+        format!("{:.3} x raw", rate / plain),
+        "(for analysis)",
+        true,
+    );
+    drop(r);
+    let _ = std::fs::remove_dir_all(d);
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
@@ -826,7 +872,14 @@ fn main() {
         memory_child(Path::new(&args[1]));
         return;
     }
-    let all = ["reconcile", "live", "throughput", "storage", "memory"];
+    let all = [
+        "reconcile",
+        "live",
+        "throughput",
+        "storage",
+        "desired",
+        "memory",
+    ];
     let chosen: Vec<&str> = if args.is_empty() {
         all.to_vec()
     } else {
@@ -840,6 +893,7 @@ fn main() {
             "live" => live(),
             "throughput" => throughput(),
             "storage" => storage(),
+            "desired" => desired(),
             "memory" => memory(),
             other => eprintln!("unknown section {other:?}; sections: {all:?}"),
         }

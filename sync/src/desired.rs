@@ -268,6 +268,27 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_is_saved_with_the_write_that_used_it() {
+        let (mut edge, dir) = open("clock", 2);
+        let a: DocId = "device-desired/edge-1/default/a".parse().unwrap();
+        let b: DocId = "device-desired/edge-1/default/b".parse().unwrap();
+        let mut last = Hlc::default();
+        for v in ["1", "2", "3"] {
+            last = set_desired(&mut edge, &a, "speed", v, 5_000).unwrap();
+        }
+        assert_eq!((last.wall_ms, last.counter), (5_000, 2));
+        drop(edge);
+        // Reopened with the wall clock stepped back, and writing another
+        // document (whose record holds no earlier write of this replica):
+        // only the saved clock orders the write after the earlier ones.
+        let mut edge = Replica::open(&dir, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
+        let next = set_desired(&mut edge, &b, "speed", "4", 1_000).unwrap();
+        assert!(next > last, "{next:?} after {last:?}");
+        drop(edge);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn a_write_recorded_late_is_stamped_when_it_was_made() {
         let (mut cloud, d1) = open("late-cloud", 1);
         let (mut edge, d2) = open("late-edge", 2);

@@ -310,6 +310,9 @@ pub struct Replica {
     me: PeerId,
     actor: ActorId,
     clock: Clock,
+    /// The clock issued a timestamp the store does not hold yet: it is
+    /// saved with the next write, the one that uses the timestamp.
+    clock_unsaved: bool,
     options: ReplicaOptions,
     events: broadcast::Sender<DocId>,
     /// Scoped subscriptions, each with a queue of its own, filled only
@@ -503,6 +506,7 @@ impl Replica {
             me,
             actor: ActorId::from(actor),
             clock: Clock::starting_after(last),
+            clock_unsaved: false,
             options,
             events,
             scoped: Vec::new(),
@@ -560,12 +564,33 @@ impl Replica {
         let _ = self.events.send(doc);
     }
 
-    /// The hybrid logical clock's next timestamp.
+    /// The hybrid logical clock's next timestamp. It is persisted with the
+    /// replica's next write, in the same atomic batch: the write that
+    /// carries the timestamp and the clock that issued it survive a crash
+    /// together, or neither does (and then nobody has seen the timestamp).
+    /// Before, each tick was a store write of its own, with an fsync.
     pub fn tick(&mut self, now_ms: u64) -> Result<Hlc, ReplicaError> {
         let t = self.clock.tick(now_ms);
-        self.store
-            .put_meta(META_CLOCK, &postcard::to_allocvec(&t).unwrap_or_default())?;
+        self.clock_unsaved = true;
         Ok(t)
+    }
+
+    /// Commits `batch`, with the clock when it issued a timestamp since it
+    /// was last saved.
+    fn commit(&mut self, mut batch: Batch) -> Result<(), StoreError> {
+        let clock = (self.clock_unsaved && !batch.is_empty()).then(|| self.clock.last());
+        if let Some(t) = clock {
+            self.store.stage_meta(
+                &mut batch,
+                META_CLOCK,
+                &postcard::to_allocvec(&t).unwrap_or_default(),
+            );
+        }
+        self.store.commit(batch)?;
+        if clock.is_some() {
+            self.clock_unsaved = false;
+        }
+        Ok(())
     }
 
     /// Folds a timestamp seen in a peer's write into the clock.
@@ -758,7 +783,7 @@ impl Replica {
         entry.changes = 1;
         let mut batch = Batch::default();
         self.stage_whole(&mut batch, doc, entry, stored, tomb);
-        if let Err(e) = self.store.commit(batch) {
+        if let Err(e) = self.commit(batch) {
             self.discard(std::slice::from_ref(doc));
             return Err(e.into());
         }
@@ -875,7 +900,7 @@ impl Replica {
                 }
             }
         }
-        if let Err(e) = self.store.commit(batch) {
+        if let Err(e) = self.commit(batch) {
             self.discard(&touched);
             return Err(e.into());
         }
@@ -1375,7 +1400,7 @@ impl Replica {
             }
             results.push(result);
         }
-        if let Err(e) = self.store.commit(batch) {
+        if let Err(e) = self.commit(batch) {
             self.discard(&touched);
             return Err(e.into());
         }

@@ -32,7 +32,7 @@ const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"outpost-store-2";
 /// Default memtable size of each column family ([`StoreOptions::memtable_bytes`];
 /// RocksDB's default is 64 MB).
-pub const WRITE_BUFFER_BYTES: usize = 1 << 20;
+pub const MEMTABLE_BYTES: usize = 1 << 20;
 /// Bound on the memtables of all column families together.
 const DB_WRITE_BUFFER_BYTES: usize = 4 << 20;
 /// Default size of the block cache ([`StoreOptions::block_cache_bytes`]).
@@ -135,7 +135,7 @@ pub struct StoreOptions {
     pub block_cache_bytes: usize,
     /// Memtable size of each column family: writes gather in memory up to
     /// this much before they are flushed to a table file. Default
-    /// [`WRITE_BUFFER_BYTES`].
+    /// [`MEMTABLE_BYTES`].
     pub memtable_bytes: usize,
 }
 
@@ -146,7 +146,7 @@ impl Default for StoreOptions {
             compact_after_chunks: 64,
             memory: None,
             block_cache_bytes: BLOCK_CACHE_BYTES,
-            memtable_bytes: WRITE_BUFFER_BYTES,
+            memtable_bytes: MEMTABLE_BYTES,
         }
     }
 }
@@ -317,6 +317,13 @@ impl Store {
         self.db
             .get_cf(self.cf(CF_META), key)
             .map_err(|e| self.db_err(e))
+    }
+
+    /// Stages a replica fact to ride along with `batch`'s records: it is
+    /// written with them, atomically, and not at all when the batch holds
+    /// nothing else.
+    pub fn stage_meta(&self, batch: &mut Batch, key: &[u8], value: &[u8]) {
+        batch.0.put_cf(self.cf(CF_META), key, value);
     }
 
     /// Records a replica fact, durably (fsync) whatever the store's options.
