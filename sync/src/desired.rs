@@ -268,22 +268,28 @@ mod tests {
     }
 
     #[test]
-    fn the_clock_is_saved_with_the_write_that_used_it() {
+    fn the_clock_leases_ahead_and_never_goes_back_across_a_restart() {
         let (mut edge, dir) = open("clock", 2);
         let a: DocId = "device-desired/edge-1/default/a".parse().unwrap();
         let b: DocId = "device-desired/edge-1/default/b".parse().unwrap();
-        let mut last = Hlc::default();
-        for v in ["1", "2", "3"] {
-            last = set_desired(&mut edge, &a, "speed", v, 5_000).unwrap();
+        let saved = |r: &Replica| r.store().meta(b"clock").unwrap();
+        let first = set_desired(&mut edge, &a, "speed", "1", 5_000).unwrap();
+        let lease = saved(&edge);
+        // Writes within the lease do not write the clock again.
+        let mut last = first;
+        for (v, now) in [("2", 5_000), ("3", 5_400), ("4", 5_999)] {
+            last = set_desired(&mut edge, &a, "speed", v, now).unwrap();
         }
-        assert_eq!((last.wall_ms, last.counter), (5_000, 2));
+        assert_eq!(saved(&edge), lease, "no clock write within the lease");
+        assert_eq!(last.wall_ms, 5_999);
         drop(edge);
         // Reopened with the wall clock stepped back, and writing another
         // document (whose record holds no earlier write of this replica):
-        // only the saved clock orders the write after the earlier ones.
+        // only the saved lease orders the write after the earlier ones.
         let mut edge = Replica::open(&dir, PeerId([2; 32]), ReplicaOptions::default()).unwrap();
-        let next = set_desired(&mut edge, &b, "speed", "4", 1_000).unwrap();
+        let next = set_desired(&mut edge, &b, "speed", "5", 1_000).unwrap();
         assert!(next > last, "{next:?} after {last:?}");
+        assert_eq!(next.wall_ms, 5_000 + crate::replica::CLOCK_LEASE_MS);
         drop(edge);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -286,6 +286,12 @@ impl LastLocal {
 
 const META_INCARNATION: &[u8] = b"incarnation";
 const META_CLOCK: &[u8] = b"clock";
+/// The largest snapshot compacted by appending a peer's straight line of
+/// changes to it as they are (see [`Replica::stage_successors`]); a larger
+/// one is loaded and saved whole, in automerge's compressed form.
+const RAW_SNAPSHOT_MAX: usize = 64 << 10;
+/// How far ahead of a timestamp the clock's lease is saved ([`Replica::tick`]).
+pub const CLOCK_LEASE_MS: u64 = 1_000;
 
 /// Changed documents a scoped subscription holds before it lags.
 const SCOPED_QUEUE: usize = 4096;
@@ -310,9 +316,9 @@ pub struct Replica {
     me: PeerId,
     actor: ActorId,
     clock: Clock,
-    /// The clock issued a timestamp the store does not hold yet: it is
-    /// saved with the next write, the one that uses the timestamp.
-    clock_unsaved: bool,
+    /// The clock's lease: the wall time (ms) the store holds, with an fsync,
+    /// as the clock's last value; see [`Replica::tick`].
+    clock_saved_ms: u64,
     options: ReplicaOptions,
     events: broadcast::Sender<DocId>,
     /// Scoped subscriptions, each with a queue of its own, filled only
@@ -506,7 +512,7 @@ impl Replica {
             me,
             actor: ActorId::from(actor),
             clock: Clock::starting_after(last),
-            clock_unsaved: false,
+            clock_saved_ms: last.wall_ms,
             options,
             events,
             scoped: Vec::new(),
@@ -564,33 +570,32 @@ impl Replica {
         let _ = self.events.send(doc);
     }
 
-    /// The hybrid logical clock's next timestamp. It is persisted with the
-    /// replica's next write, in the same atomic batch: the write that
-    /// carries the timestamp and the clock that issued it survive a crash
-    /// together, or neither does (and then nobody has seen the timestamp).
-    /// Before, each tick was a store write of its own, with an fsync.
+    /// The hybrid logical clock's next timestamp.
+    ///
+    /// The store holds a lease on the clock rather than its every value: a
+    /// time [`CLOCK_LEASE_MS`] ahead of the timestamp that passed the
+    /// previous lease, written with an fsync whatever the store's options.
+    /// A reopened replica starts after the lease, so it never issues a
+    /// timestamp below one it issued before, even one a peer received just
+    /// before a power loss took the write that carried it. That costs an
+    /// fsync per lease period of writes instead of one per write; after a
+    /// restart, timestamps run up to the lease ahead of the wall clock
+    /// until it catches up.
     pub fn tick(&mut self, now_ms: u64) -> Result<Hlc, ReplicaError> {
         let t = self.clock.tick(now_ms);
-        self.clock_unsaved = true;
-        Ok(t)
-    }
-
-    /// Commits `batch`, with the clock when it issued a timestamp since it
-    /// was last saved.
-    fn commit(&mut self, mut batch: Batch) -> Result<(), StoreError> {
-        let clock = (self.clock_unsaved && !batch.is_empty()).then(|| self.clock.last());
-        if let Some(t) = clock {
-            self.store.stage_meta(
-                &mut batch,
+        if t.wall_ms >= self.clock_saved_ms {
+            let lease = t.wall_ms.saturating_add(CLOCK_LEASE_MS);
+            let saved = Hlc {
+                wall_ms: lease,
+                counter: 0,
+            };
+            self.store.put_meta(
                 META_CLOCK,
-                &postcard::to_allocvec(&t).unwrap_or_default(),
-            );
+                &postcard::to_allocvec(&saved).unwrap_or_default(),
+            )?;
+            self.clock_saved_ms = lease;
         }
-        self.store.commit(batch)?;
-        if clock.is_some() {
-            self.clock_unsaved = false;
-        }
-        Ok(())
+        Ok(t)
     }
 
     /// Folds a timestamp seen in a peer's write into the clock.
@@ -783,7 +788,7 @@ impl Replica {
         entry.changes = 1;
         let mut batch = Batch::default();
         self.stage_whole(&mut batch, doc, entry, stored, tomb);
-        if let Err(e) = self.commit(batch) {
+        if let Err(e) = self.store.commit(batch) {
             self.discard(std::slice::from_ref(doc));
             return Err(e.into());
         }
@@ -900,7 +905,7 @@ impl Replica {
                 }
             }
         }
-        if let Err(e) = self.commit(batch) {
+        if let Err(e) = self.store.commit(batch) {
             self.discard(&touched);
             return Err(e.into());
         }
@@ -1400,7 +1405,7 @@ impl Replica {
             }
             results.push(result);
         }
-        if let Err(e) = self.commit(batch) {
+        if let Err(e) = self.store.commit(batch) {
             self.discard(&touched);
             return Err(e.into());
         }
@@ -1603,9 +1608,6 @@ impl Replica {
                 (entry.clone(), Some(head))
             }
         };
-        if self.store.would_compact(&entry, changes.len()) {
-            return Ok(None);
-        }
         for change in changes {
             let extends = change.author().is_none()
                 && match &head {
@@ -1631,9 +1633,29 @@ impl Replica {
             return Ok(None);
         };
         let bytes: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        entry.heads = vec![head.hash];
-        entry.changes += changes.len() as u64;
-        self.store.stage_chunks(batch, doc, &mut entry, &bytes);
+        if self.store.would_compact(&entry, changes.len()) {
+            // Compacted without automerge: the stored chunks and these
+            // changes appended to the snapshot as they are. Loading the
+            // document and saving it whole would cost milliseconds here, on
+            // the way from a peer's commit to this replica's acknowledgement,
+            // once every `compact_after_chunks` changes. A snapshot past
+            // `RAW_SNAPSHOT_MAX` is compacted the usual way.
+            let Some(mut saved) = self.store.stored_bytes(doc, &entry, RAW_SNAPSHOT_MAX)? else {
+                return Ok(None);
+            };
+            for b in &bytes {
+                saved.extend_from_slice(b);
+            }
+            let stored = entry.chunks;
+            entry.heads = vec![head.hash];
+            entry.changes += changes.len() as u64;
+            self.store
+                .stage_replace(batch, doc, &mut entry, stored, &saved);
+        } else {
+            entry.heads = vec![head.hash];
+            entry.changes += changes.len() as u64;
+            self.store.stage_chunks(batch, doc, &mut entry, &bytes);
+        }
         if let Some(loaded) = self.cache.peek_mut(doc) {
             loaded.pending.extend(changes.iter().cloned());
             loaded.last_local = None;

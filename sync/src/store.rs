@@ -319,13 +319,6 @@ impl Store {
             .map_err(|e| self.db_err(e))
     }
 
-    /// Stages a replica fact to ride along with `batch`'s records: it is
-    /// written with them, atomically, and not at all when the batch holds
-    /// nothing else.
-    pub fn stage_meta(&self, batch: &mut Batch, key: &[u8], value: &[u8]) {
-        batch.0.put_cf(self.cf(CF_META), key, value);
-    }
-
     /// Records a replica fact, durably (fsync) whatever the store's options.
     pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
@@ -508,6 +501,46 @@ impl Store {
         Change::try_from(&value[..])
             .map(Some)
             .map_err(|e| self.corrupt(doc, "change chunk", e))
+    }
+
+    /// A document's stored form as one byte string, its snapshot and then
+    /// its change chunks in order: what [`Store::load`] reads, and a valid
+    /// saved document in itself (automerge loads a document or change chunk
+    /// followed by change chunks). `None` when it is longer than `max`
+    /// bytes.
+    pub fn stored_bytes(
+        &self,
+        doc: &DocId,
+        entry: &IndexEntry,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let prefix = chunk_prefix(doc);
+        let mut out = Vec::new();
+        if entry.snapshot.is_some() {
+            let snapshot = self
+                .db
+                .get_pinned_cf(self.cf(CF_SNAPSHOTS), &prefix)
+                .map_err(|e| self.db_err(e))?
+                .ok_or_else(|| self.corrupt(doc, "snapshot", "missing"))?;
+            if snapshot.len() > max {
+                return Ok(None);
+            }
+            out.extend_from_slice(&snapshot);
+        }
+        let keys: Vec<Vec<u8>> = (0..entry.chunks).map(|seq| chunk_key(doc, seq)).collect();
+        for value in self
+            .db
+            .batched_multi_get_cf(self.cf(CF_CHUNKS), &keys, true)
+        {
+            let value = value
+                .map_err(|e| self.db_err(e))?
+                .ok_or_else(|| self.corrupt(doc, "change chunk", "missing"))?;
+            if out.len() + value.len() > max {
+                return Ok(None);
+            }
+            out.extend_from_slice(&value);
+        }
+        Ok(Some(out))
     }
 
     /// Replaces a document wholesale with a saved document: compaction, a

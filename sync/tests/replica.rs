@@ -658,3 +658,59 @@ fn a_write_many_naming_a_document_twice_far_apart_keeps_both_writes() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A peer's long straight line of changes is compacted without loading the
+/// document (its chunks appended to the snapshot as they are) until the
+/// snapshot reaches its cap, then the usual way; what is stored reads back
+/// exactly, before and after reopening.
+#[test]
+fn a_long_line_received_is_compacted_without_loading_and_reads_back_exactly() {
+    let (da, db) = (dir("long-a"), dir("long-b"));
+    let mut options = ReplicaOptions::default();
+    options.store.compact_after_chunks = 8;
+    let mut a = Replica::open(&da, PeerId([1; 32]), options.clone()).unwrap();
+    let mut b = Replica::open(&db, PeerId([2; 32]), options.clone()).unwrap();
+    let doc = pod("long");
+    let mut raw_bytes = 0;
+    for i in 0..600u64 {
+        // About 250 bytes of new values per change.
+        a.write_json(
+            &doc,
+            &json!({"containers": [{"name": "main", "image": format!("busybox:{i}"), "args": [format!("{i}-{}", "x".repeat(200))]}]}),
+            1000 + i,
+        )
+        .unwrap();
+        let eb = b.entry(&doc).unwrap().unwrap_or_default();
+        let (g, next) = a.changes_for(&doc, eb.generation, &eb.heads, &[]).unwrap();
+        raw_bytes += next.iter().map(Vec::len).sum::<usize>();
+        assert_eq!(
+            b.apply(&doc, g, &next).unwrap().new_changes,
+            1,
+            "change {i}"
+        );
+        if i == 100 {
+            // Nothing has read the document yet.
+            assert_eq!(b.cached_docs(), 0, "compacted 12 times without loading");
+            assert!(b.entry(&doc).unwrap().unwrap().chunks < 8);
+        }
+        if i > 100 && i % 97 == 0 {
+            assert_eq!(b.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
+        }
+    }
+    // Past the snapshot's cap (64 KB), compaction went the usual way, and
+    // nothing is stored twice.
+    let bytes = b.store().doc_bytes(&doc).unwrap() as usize;
+    assert!(raw_bytes > 128 << 10, "{raw_bytes} bytes of changes");
+    assert!(bytes <= raw_bytes + (8 << 10), "{bytes} bytes stored");
+    assert_eq!(b.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
+    assert_eq!(
+        b.entry(&doc).unwrap().unwrap().heads,
+        a.entry(&doc).unwrap().unwrap().heads
+    );
+    drop(b);
+    let mut b = Replica::open(&db, PeerId([2; 32]), options).unwrap();
+    assert_eq!(b.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
+    for d in [da, db] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
