@@ -458,10 +458,20 @@ pub fn decode_changes(
     changes
         .into_iter()
         .map(|bytes| {
-            Change::from_bytes(bytes).map_err(|e| ReplicaError::MalformedChange {
+            let malformed = |reason: String| ReplicaError::MalformedChange {
                 doc: doc.clone(),
-                reason: e.to_string(),
-            })
+                reason,
+            };
+            // A chunk's header holds the first 4 bytes of its hash, after
+            // the 4-byte magic; automerge's parser does not compare them, so
+            // a change altered on the way would pass as another change of
+            // the same author.
+            let checksum = bytes.get(4..8).map(<[u8]>::to_vec);
+            let change = Change::from_bytes(bytes).map_err(|e| malformed(e.to_string()))?;
+            if checksum.as_deref() != Some(&change.hash().0[..4]) {
+                return Err(malformed("checksum does not match the change".into()));
+            }
+            Ok(change)
         })
         .collect()
 }

@@ -150,3 +150,27 @@ async fn oversized_and_truncated_frames_close_the_session() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A change altered on the way (a byte of its body flipped, its header
+/// left as it was) is refused: automerge's parser would take it as another
+/// change of the same author.
+#[test]
+fn a_change_whose_checksum_does_not_match_is_refused() {
+    let (mut r, dir) = replica("checksum");
+    let doc: DocId = "pod-spec/edge-1/default/web/u".parse().unwrap();
+    let (_, changes) = r.changes_for(&doc, 0, &[], &[]).unwrap();
+    let good = changes[0].clone();
+    assert!(outpost_sync::replica::decode_changes(&doc, [good.clone()]).is_ok());
+    // Every byte after the magic flipped in turn: none passes, and those
+    // the parser alone would take are caught by the checksum.
+    let mut caught = 0;
+    for at in 4..good.len() {
+        let mut bad = good.clone();
+        bad[at] ^= 1;
+        let err = outpost_sync::replica::decode_changes(&doc, [bad]).unwrap_err();
+        caught += usize::from(err.to_string().contains("checksum"));
+    }
+    assert!(caught > 0);
+    drop(r);
+    let _ = std::fs::remove_dir_all(dir);
+}
