@@ -36,6 +36,7 @@
 
 use std::path::{Path, PathBuf};
 
+use outpost_sync::store::StoreOptions;
 use serde::{Deserialize, Serialize};
 
 /// Why a scenario cannot be used.
@@ -250,6 +251,11 @@ pub struct Fleet {
     pub cloud_cache_docs: usize,
     /// Documents kept loaded per edge replica.
     pub edge_cache_docs: usize,
+    /// Change chunks a document's store record takes before they are folded
+    /// into its snapshot (the store's option of that name). Small values
+    /// make every replica compact often, on its receive path as on its own
+    /// writes.
+    pub compact_after_chunks: u32,
 }
 
 impl Default for Fleet {
@@ -263,6 +269,7 @@ impl Default for Fleet {
             site_peers: 2,
             cloud_cache_docs: 16_384,
             edge_cache_docs: 64,
+            compact_after_chunks: StoreOptions::default().compact_after_chunks,
         }
     }
 }
@@ -658,6 +665,9 @@ impl Scenario {
         }
         if f.cloud_cache_docs == 0 || f.edge_cache_docs == 0 {
             return Err("fleet: cache sizes must be at least 1".into());
+        }
+        if f.compact_after_chunks == 0 {
+            return Err("fleet.compact_after_chunks must be at least 1".into());
         }
         let n = &self.network;
         n.delay.check()?;

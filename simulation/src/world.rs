@@ -548,6 +548,7 @@ impl World {
         ReplicaOptions {
             store: StoreOptions {
                 memory: Some(self.disk.clone()),
+                compact_after_chunks: f.compact_after_chunks,
                 ..StoreOptions::default()
             },
             cache_docs: NonZeroUsize::new(cache).unwrap_or(NonZeroUsize::MIN),
