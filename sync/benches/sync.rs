@@ -372,6 +372,23 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// Two endpoints on loopback with fresh keys, and the first one's address.
+async fn endpoint_pair() -> (
+    iroh::Endpoint,
+    iroh::Endpoint,
+    outpost_sync::transport::iroh::PeerAddr,
+) {
+    use outpost_sync::transport::iroh::{PeerAddr, bind};
+    let (k1, k2) = (iroh::SecretKey::generate(), iroh::SecretKey::generate());
+    let e1 = bind(k1.clone(), loopback()).await.unwrap();
+    let e2 = bind(k2, loopback()).await.unwrap();
+    let addr1 = PeerAddr {
+        id: k1.public(),
+        addr: e1.bound_sockets()[0],
+    };
+    (e1, e2, addr1)
+}
+
 /// Baseline 1: a bare iroh request/response, 200 bytes each way, on a new
 /// stream of a long-lived connection.
 struct RoundTrip {
@@ -382,14 +399,8 @@ struct RoundTrip {
 
 impl RoundTrip {
     async fn start() -> Self {
-        use outpost_sync::transport::iroh::{PeerAddr, SYNC_ALPN, bind};
-        let (k1, k2) = (iroh::SecretKey::generate(), iroh::SecretKey::generate());
-        let e1 = bind(k1.clone(), loopback()).await.unwrap();
-        let e2 = bind(k2, loopback()).await.unwrap();
-        let addr1 = PeerAddr {
-            id: k1.public(),
-            addr: e1.bound_sockets()[0],
-        };
+        use outpost_sync::transport::iroh::SYNC_ALPN;
+        let (e1, e2, addr1) = endpoint_pair().await;
         let echo = tokio::spawn({
             let e1 = e1.clone();
             async move {
@@ -472,14 +483,8 @@ struct Floor {
 
 impl Floor {
     async fn start() -> Self {
-        use outpost_sync::transport::iroh::{PeerAddr, SYNC_ALPN, bind};
-        let (k1, k2) = (iroh::SecretKey::generate(), iroh::SecretKey::generate());
-        let e1 = bind(k1.clone(), loopback()).await.unwrap();
-        let e2 = bind(k2, loopback()).await.unwrap();
-        let addr1 = PeerAddr {
-            id: k1.public(),
-            addr: e1.bound_sockets()[0],
-        };
+        use outpost_sync::transport::iroh::SYNC_ALPN;
+        let (e1, e2, addr1) = endpoint_pair().await;
         let (tx, persisted) = tokio::sync::broadcast::channel::<u32>(64);
         let sink = tokio::spawn({
             let e1 = e1.clone();
