@@ -919,7 +919,14 @@ impl World {
         loop {
             match slot.session.poll_transmit(replica, &self.roster) {
                 Ok(Some(m)) => out.push(m),
-                Ok(None) => break,
+                // Nothing to send: the engine compacts what receiving
+                // left due.
+                Ok(None) => {
+                    if let Err(e) = replica.compact_deferred(usize::MAX) {
+                        error = Some(e.into());
+                    }
+                    break;
+                }
                 Err(e) => {
                     error = Some(e);
                     break;

@@ -633,8 +633,8 @@ impl EnginePair {
     }
 
     /// Commits a pod-spec write at the cloud and waits for it to be
-    /// persisted at the edge. Returns the lag (from the write's return)
-    /// and how long the local write took, us.
+    /// persisted at the edge. Returns the lag (from the commit) and how
+    /// long the local write took up to the commit, us.
     async fn sample(&mut self, i: usize) -> (f64, f64) {
         let doc: DocId = format!("pod-spec/edge-1/default/p{}/u", i % 50)
             .parse()
@@ -646,9 +646,11 @@ impl EnginePair {
                 &json!({"containers": [{"name": "main", "image": format!("busybox:{i}")}]}),
             )
             .unwrap();
-        // The change is committed and persisted here: lag starts now.
-        let t = Instant::now();
-        let local = w.elapsed().as_secs_f64() * 1e6;
+        // Lag starts when the change is committed, inside the write: the
+        // writing thread may be preempted after it, and the change reach
+        // the other side before the write returns.
+        let t = Instant::from_std(self.a.last_commit().expect("the write committed a change"));
+        let local = t.duration_since(w).as_secs_f64() * 1e6;
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.persisted.recv())
                 .await

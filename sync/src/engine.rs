@@ -69,6 +69,10 @@ const ACK_SAVE_DELAY: Duration = Duration::from_secs(1);
 /// more go out at once.
 const ACKS_HELD_MAX: usize = 4096;
 
+/// Documents an idle session compacts (see [`Replica::compact_deferred`])
+/// before it lets the other tasks run.
+const COMPACT_PER_TURN: usize = 8;
+
 /// How often an idle session refreshes its per-peer gauges.
 const IDLE_REFRESH: Duration = Duration::from_secs(5);
 
@@ -84,6 +88,8 @@ pub struct Engine {
     gate: Arc<Gate>,
     metrics: SyncMetrics,
     me: PeerId,
+    /// When the last local write that changed a document was committed.
+    last_commit: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -117,6 +123,7 @@ impl Engine {
             gate: Arc::new(Gate::default()),
             metrics,
             me,
+            last_commit: Arc::default(),
         }
     }
 
@@ -141,6 +148,23 @@ impl Engine {
     /// Runs `f` with the replica (for reads and tools).
     pub fn with_replica<T>(&self, f: impl FnOnce(&mut Replica) -> T) -> T {
         f(&mut self.lock().replica)
+    }
+
+    /// When the last local write that changed a document was committed
+    /// (persisted here, before it is pushed): where its propagation to the
+    /// peers starts, for measuring it.
+    pub fn last_commit(&self) -> Option<std::time::Instant> {
+        *self
+            .last_commit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn committed(&self) {
+        *self
+            .last_commit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
     }
 
     /// Replaces the roster (a peer admitted or removed).
@@ -178,6 +202,7 @@ impl Engine {
             let mut inner = self.lock();
             let (out, changed) = f(&mut inner.replica, now_ms())?;
             if changed {
+                self.committed();
                 mark_dirty(&mut inner, self.me, doc, None, &mut wakes);
             }
             out
@@ -210,6 +235,9 @@ impl Engine {
                     changed += 1;
                     mark_dirty(&mut inner, self.me, doc, None, &mut wakes);
                 }
+            }
+            if changed > 0 {
+                self.committed();
             }
         }
         wake_all(wakes);
@@ -330,6 +358,7 @@ impl Engine {
             // When the peer's unsaved acknowledgements are to be saved.
             let mut save_due: Option<tokio::time::Instant> = None;
             loop {
+                let mut compact_more = false;
                 let next = {
                     let _pass = self.gate.enter().await;
                     let mut guard = self.lock();
@@ -340,6 +369,10 @@ impl Engine {
                     let msg = slot
                         .session
                         .poll_transmit(&mut inner.replica, &inner.roster)?;
+                    // Nothing to send: compact what receiving left due.
+                    if msg.is_none() && inner.replica.compact_deferred(COMPACT_PER_TURN)? > 0 {
+                        compact_more = true;
+                    }
                     if slot.session.unsaved_acks() == 0 {
                         save_due = None;
                     } else {
@@ -374,6 +407,11 @@ impl Engine {
                     Some(msg) => vec![held.release(), msg],
                     None => match held.until {
                         Some(due) if tokio::time::Instant::now() >= due => vec![held.release()],
+                        // More documents to compact: after the other tasks.
+                        _ if compact_more => {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
                         // Idle: wake now and then to refresh the watermark, so
                         // that a caught-up peer's watermark age stays near zero.
                         until => {

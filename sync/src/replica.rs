@@ -7,6 +7,7 @@
 //! Every change is persisted, with the index, in one atomic batch before the
 //! call returns. Changes from peers go through [`Replica::apply`], in batches.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::Path;
 
@@ -293,6 +294,11 @@ const RAW_SNAPSHOT_MAX: usize = 64 << 10;
 /// How far ahead of a timestamp the clock's lease is saved ([`Replica::tick`]).
 pub const CLOCK_LEASE_MS: u64 = 1_000;
 
+/// Documents whose compaction is left for later at most (see
+/// [`Replica::compact_deferred`]); past that, a straight line is compacted
+/// as it is received.
+const DEFERRED_MAX: usize = 4096;
+
 /// Changed documents a scoped subscription holds before it lags.
 const SCOPED_QUEUE: usize = 4096;
 
@@ -313,6 +319,11 @@ pub struct Replica {
     /// by the hash, an entry is right whatever happened to the document
     /// since.
     links: LruCache<[u8; 32], ChainLink>,
+    /// Documents a peer's straight line took past the compaction threshold,
+    /// left to be compacted off the receive path (see
+    /// [`Replica::compact_deferred`]), with the generation, chunk count and
+    /// head their index entry had then: compacted only if it still has them.
+    deferred: HashMap<DocId, (u64, u32, [u8; 32])>,
     me: PeerId,
     actor: ActorId,
     clock: Clock,
@@ -519,6 +530,7 @@ impl Replica {
             cache: LruCache::sparse(options.cache_docs),
             idle: LruCache::sparse(options.idle_flat_docs),
             links: LruCache::sparse(NonZeroUsize::new(CHAIN_LINKS).unwrap_or(NonZeroUsize::MIN)),
+            deferred: HashMap::new(),
             me,
             actor: ActorId::from(actor),
             clock: Clock::starting_after(last),
@@ -1643,28 +1655,38 @@ impl Replica {
             return Ok(None);
         };
         let bytes: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        if self.store.would_compact(&entry, changes.len()) {
+        let stored = entry.chunks;
+        entry.heads = vec![head.hash];
+        entry.changes += changes.len() as u64;
+        // Compacting is left for later (when the engine has nothing to
+        // send): it reads and rewrites the document's chunks, and on the
+        // way from a peer's commit to this replica's acknowledgement it
+        // would hold one change in `compact_after_chunks` by that much. Up
+        // to twice the threshold; past it, or with too many documents
+        // waiting, it is done here.
+        let defer = self.store.would_compact(&entry, changes.len())
+            && !self.store.would_compact_twice(&entry, changes.len())
+            && (self.deferred.len() < DEFERRED_MAX || self.deferred.contains_key(doc));
+        if self.store.would_compact(&entry, changes.len()) && !defer {
             // Compacted without automerge: the stored chunks and these
             // changes appended to the snapshot as they are. Loading the
-            // document and saving it whole would cost milliseconds here, on
-            // the way from a peer's commit to this replica's acknowledgement,
-            // once every `compact_after_chunks` changes. A snapshot past
-            // `RAW_SNAPSHOT_MAX` is compacted the usual way.
+            // document and saving it whole would cost milliseconds here. A
+            // snapshot past `RAW_SNAPSHOT_MAX` is compacted the usual way.
             let Some(mut saved) = self.store.stored_bytes(doc, &entry, RAW_SNAPSHOT_MAX)? else {
                 return Ok(None);
             };
             for b in &bytes {
                 saved.extend_from_slice(b);
             }
-            let stored = entry.chunks;
-            entry.heads = vec![head.hash];
-            entry.changes += changes.len() as u64;
             self.store
                 .stage_replace(batch, doc, &mut entry, stored, &saved);
+            self.deferred.remove(doc);
         } else {
-            entry.heads = vec![head.hash];
-            entry.changes += changes.len() as u64;
             self.store.stage_chunks(batch, doc, &mut entry, &bytes);
+            if defer {
+                self.deferred
+                    .insert(doc.clone(), (entry.generation, entry.chunks, head.hash));
+            }
         }
         if let Some(loaded) = self.cache.peek_mut(doc) {
             loaded.pending.extend(changes.iter().cloned());
@@ -1681,6 +1703,51 @@ impl Replica {
             commit_times_ms: changes.iter().map(Change::timestamp).collect(),
             batch_heads: Vec::new(),
         }))
+    }
+
+    /// Compacts up to `max` of the documents a peer's straight line left
+    /// past the compaction threshold (see [`Replica::stage_successors`]),
+    /// each in one atomic write: its stored chunks appended to its snapshot
+    /// as they are, or, for a snapshot past `RAW_SNAPSHOT_MAX`, the document
+    /// loaded and saved whole. A document changed since in any other way is
+    /// skipped: the path that changed it compacts it when due. Returns how
+    /// many documents are still waiting. The engine calls it when a session
+    /// has nothing to send.
+    pub fn compact_deferred(&mut self, max: usize) -> Result<usize, ReplicaError> {
+        let due: Vec<DocId> = self.deferred.keys().take(max).cloned().collect();
+        for doc in due {
+            let Some((generation, chunks, head)) = self.deferred.remove(&doc) else {
+                continue;
+            };
+            let Some(mut entry) = self.store.index(&doc)? else {
+                continue;
+            };
+            let unchanged =
+                entry.generation == generation && entry.chunks == chunks && entry.heads == [head];
+            let held = self.idle.contains(&doc)
+                || self
+                    .cache
+                    .peek(&doc)
+                    .is_some_and(|l| l.stale || !l.own.is_empty());
+            if !unchanged || held || !self.store.would_compact(&entry, 0) {
+                continue;
+            }
+            let saved = match self.store.stored_bytes(&doc, &entry, RAW_SNAPSHOT_MAX)? {
+                Some(saved) => saved,
+                None => match self.store.load(&doc)? {
+                    Some((mut am, _)) => am.save(),
+                    None => continue,
+                },
+            };
+            let mut batch = Batch::default();
+            self.store
+                .stage_replace(&mut batch, &doc, &mut entry, chunks, &saved);
+            self.store.commit(batch)?;
+            if let Some(loaded) = self.cache.peek_mut(&doc) {
+                loaded.entry = entry;
+            }
+        }
+        Ok(self.deferred.len())
     }
 
     /// Whether the replica holds a change of a document (in its current generation).

@@ -462,6 +462,13 @@ impl Store {
         entry.chunks.saturating_add(n as u32) > self.options.compact_after_chunks
     }
 
+    /// Whether appending `n` changes to a document with `entry` takes it
+    /// past twice the compaction threshold: the most chunks a document
+    /// whose compaction was left for later may hold.
+    pub fn would_compact_twice(&self, entry: &IndexEntry, n: usize) -> bool {
+        entry.chunks.saturating_add(n as u32) > self.options.compact_after_chunks.saturating_mul(2)
+    }
+
     /// Stages changes as chunks after the ones stored, and the new index
     /// entry, without compacting: for callers that checked
     /// [`Store::would_compact`] and do not hold the document.

@@ -659,10 +659,71 @@ fn a_write_many_naming_a_document_twice_far_apart_keeps_both_writes() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A straight line received past the compaction threshold is stored as it
+/// comes and compacted by [`Replica::compact_deferred`], unless the document
+/// changed since in another way (that path compacts it) or the line reaches
+/// twice the threshold (then on receipt).
+#[test]
+fn compaction_due_on_receipt_waits_for_compact_deferred() {
+    let (da, db) = (dir("deferred-a"), dir("deferred-b"));
+    let mut options = ReplicaOptions::default();
+    options.store.compact_after_chunks = 4;
+    let mut a = Replica::open(&da, PeerId([1; 32]), options.clone()).unwrap();
+    let mut b = Replica::open(&db, PeerId([2; 32]), options.clone()).unwrap();
+    let doc = pod("deferred");
+    let mut send = |a: &mut Replica, b: &mut Replica, i: u64| {
+        a.write_json(&doc, &json!({"image": format!("busybox:{i}")}), 1000 + i)
+            .unwrap();
+        let eb = b.entry(&doc).unwrap().unwrap_or_default();
+        let (g, next) = a.changes_for(&doc, eb.generation, &eb.heads, &[]).unwrap();
+        assert_eq!(b.apply(&doc, g, &next).unwrap().new_changes, 1);
+        b.entry(&doc).unwrap().unwrap()
+    };
+    for i in 0..4 {
+        assert_eq!(send(&mut a, &mut b, i).chunks, i as u32 + 1);
+    }
+    // The fifth is past the threshold: stored, compaction left for later.
+    let entry = send(&mut a, &mut b, 4);
+    assert_eq!((entry.chunks, entry.snapshot), (5, None));
+    assert_eq!(b.compact_deferred(8).unwrap(), 0);
+    let entry = b.entry(&doc).unwrap().unwrap();
+    assert_eq!(entry.chunks, 0);
+    assert!(entry.snapshot.is_some());
+    assert_eq!(b.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
+    assert_eq!(b.cached_docs(), 1, "read above, not by compacting");
+
+    // Never compacted later: on receipt once past twice the threshold.
+    let counts: Vec<u32> = (5..20).map(|i| send(&mut a, &mut b, i).chunks).collect();
+    assert!(counts.iter().all(|&c| c <= 8), "{counts:?}");
+    assert!(counts.contains(&8) && counts.contains(&0), "{counts:?}");
+
+    // Due, then changed another way: skipped by `compact_deferred`, and
+    // the write that changed it compacted it.
+    let mut i = 100;
+    while send(&mut a, &mut b, i).chunks <= 4 {
+        i += 1;
+    }
+    b.write_json(&doc, &json!({"image": "local"}), 5000)
+        .unwrap();
+    let before = b.entry(&doc).unwrap().unwrap();
+    assert_eq!(b.compact_deferred(8).unwrap(), 0);
+    assert_eq!(b.entry(&doc).unwrap().unwrap(), before);
+    assert!(before.chunks <= 4, "{before:?}");
+    let value = b.read_json(&doc).unwrap();
+    drop(b);
+    let mut b = Replica::open(&db, PeerId([2; 32]), options).unwrap();
+    assert_eq!(b.read_json(&doc).unwrap(), value);
+    for d in [da, db] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// A peer's long straight line of changes is compacted without loading the
 /// document (its chunks appended to the snapshot as they are) until the
-/// snapshot reaches its cap, then the usual way; what is stored reads back
-/// exactly, before and after reopening.
+/// snapshot reaches its cap, then the usual way, whether the compaction is
+/// left for [`Replica::compact_deferred`] or done on receipt (past twice the
+/// threshold); what is stored reads back exactly, before and after
+/// reopening.
 #[test]
 fn a_long_line_received_is_compacted_without_loading_and_reads_back_exactly() {
     let (da, db) = (dir("long-a"), dir("long-b"));
@@ -688,10 +749,16 @@ fn a_long_line_received_is_compacted_without_loading_and_reads_back_exactly() {
             1,
             "change {i}"
         );
+        // Stretches where the engine would be idle, and stretches where
+        // it would not.
+        if (i / 50) % 2 == 0 {
+            assert_eq!(b.compact_deferred(usize::MAX).unwrap(), 0);
+            assert!(b.entry(&doc).unwrap().unwrap().chunks <= 8, "change {i}");
+        }
+        assert!(b.entry(&doc).unwrap().unwrap().chunks <= 16, "change {i}");
         if i == 100 {
             // Nothing has read the document yet.
-            assert_eq!(b.cached_docs(), 0, "compacted 12 times without loading");
-            assert!(b.entry(&doc).unwrap().unwrap().chunks < 8);
+            assert_eq!(b.cached_docs(), 0, "compacted 10 times without loading");
         }
         if i > 100 && i % 97 == 0 {
             assert_eq!(b.read_json(&doc).unwrap(), a.read_json(&doc).unwrap());
