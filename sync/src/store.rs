@@ -122,7 +122,10 @@ pub struct StoreOptions {
     /// fsync the write-ahead log on every write. Without it a write survives
     /// a crash of the process but not of the machine.
     pub sync_writes: bool,
-    /// Fold change chunks into a snapshot once a document has this many.
+    /// Fold change chunks into a snapshot once a document has this many
+    /// (up to twice as many when a peer's straight line of changes leaves
+    /// the compaction for the engine's idle turn: see
+    /// `Replica::compact_deferred`).
     pub compact_after_chunks: u32,
     /// Keep the store's files in memory instead of on disk (simulation and
     /// tests). Stores reopened with the same [`MemoryDisk`] and path find
@@ -401,15 +404,8 @@ impl Store {
             // Nothing since the snapshot.
             return Ok(Some((am, entry)));
         }
-        let keys: Vec<Vec<u8>> = (0..entry.chunks).map(|seq| chunk_key(doc, seq)).collect();
-        let mut changes = Vec::with_capacity(keys.len());
-        for value in self
-            .db
-            .batched_multi_get_cf(self.cf(CF_CHUNKS), &keys, true)
-        {
-            let value = value
-                .map_err(|e| self.db_err(e))?
-                .ok_or_else(|| self.corrupt(doc, "change chunk", "missing"))?;
+        let mut changes = Vec::with_capacity(entry.chunks as usize);
+        for value in self.chunk_values(doc, &entry)? {
             changes.push(
                 Change::from_bytes(value.to_vec())
                     .map_err(|e| self.corrupt(doc, "change chunk", e))?,
@@ -510,6 +506,24 @@ impl Store {
             .map_err(|e| self.corrupt(doc, "change chunk", e))
     }
 
+    /// A document's `entry.chunks` change chunks, in order.
+    fn chunk_values(
+        &self,
+        doc: &DocId,
+        entry: &IndexEntry,
+    ) -> Result<Vec<rocksdb::DBPinnableSlice<'_>>, StoreError> {
+        let keys: Vec<Vec<u8>> = (0..entry.chunks).map(|seq| chunk_key(doc, seq)).collect();
+        self.db
+            .batched_multi_get_cf(self.cf(CF_CHUNKS), &keys, true)
+            .into_iter()
+            .map(|value| {
+                value
+                    .map_err(|e| self.db_err(e))?
+                    .ok_or_else(|| self.corrupt(doc, "change chunk", "missing"))
+            })
+            .collect()
+    }
+
     /// A document's stored form as one byte string, its snapshot and then
     /// its change chunks in order: what [`Store::load`] reads, and a valid
     /// saved document in itself (automerge loads a document or change chunk
@@ -534,14 +548,7 @@ impl Store {
             }
             out.extend_from_slice(&snapshot);
         }
-        let keys: Vec<Vec<u8>> = (0..entry.chunks).map(|seq| chunk_key(doc, seq)).collect();
-        for value in self
-            .db
-            .batched_multi_get_cf(self.cf(CF_CHUNKS), &keys, true)
-        {
-            let value = value
-                .map_err(|e| self.db_err(e))?
-                .ok_or_else(|| self.corrupt(doc, "change chunk", "missing"))?;
+        for value in self.chunk_values(doc, entry)? {
             if out.len() + value.len() > max {
                 return Ok(None);
             }
