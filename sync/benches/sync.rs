@@ -649,7 +649,7 @@ impl EnginePair {
         // Lag starts when the change is committed, inside the write: the
         // writing thread may be preempted after it, and the change reach
         // the other side before the write returns.
-        let t = Instant::from_std(self.a.last_commit().expect("the write committed a change"));
+        let t = self.a.last_commit().expect("the write committed a change");
         let local = t.duration_since(w).as_secs_f64() * 1e6;
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.persisted.recv())

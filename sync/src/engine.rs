@@ -89,7 +89,7 @@ pub struct Engine {
     metrics: SyncMetrics,
     me: PeerId,
     /// When the last local write that changed a document was committed.
-    last_commit: Arc<Mutex<Option<std::time::Instant>>>,
+    last_commit: Arc<Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -153,7 +153,7 @@ impl Engine {
     /// When the last local write that changed a document was committed
     /// (persisted here, before it is pushed): where its propagation to the
     /// peers starts, for measuring it.
-    pub fn last_commit(&self) -> Option<std::time::Instant> {
+    pub fn last_commit(&self) -> Option<tokio::time::Instant> {
         *self
             .last_commit
             .lock()
@@ -164,7 +164,7 @@ impl Engine {
         *self
             .last_commit
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
     }
 
     /// Replaces the roster (a peer admitted or removed).

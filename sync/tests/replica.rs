@@ -671,7 +671,7 @@ fn compaction_due_on_receipt_waits_for_compact_deferred() {
     let mut a = Replica::open(&da, PeerId([1; 32]), options.clone()).unwrap();
     let mut b = Replica::open(&db, PeerId([2; 32]), options.clone()).unwrap();
     let doc = pod("deferred");
-    let mut send = |a: &mut Replica, b: &mut Replica, i: u64| {
+    let send = |a: &mut Replica, b: &mut Replica, i: u64| {
         a.write_json(&doc, &json!({"image": format!("busybox:{i}")}), 1000 + i)
             .unwrap();
         let eb = b.entry(&doc).unwrap().unwrap_or_default();
