@@ -369,9 +369,14 @@ impl Engine {
                     let msg = slot
                         .session
                         .poll_transmit(&mut inner.replica, &inner.roster)?;
-                    // Nothing to send: compact what receiving left due.
-                    if msg.is_none() && inner.replica.compact_deferred(COMPACT_PER_TURN)? > 0 {
-                        compact_more = true;
+                    // Nothing to send: compact what receiving left due. A
+                    // failure there is the store's, not this peer's: the
+                    // session goes on, and the document stays as chunks.
+                    if msg.is_none() {
+                        match inner.replica.compact_deferred(COMPACT_PER_TURN) {
+                            Ok(left) => compact_more = left > 0,
+                            Err(e) => warn!(error = %e, "cannot compact a received document"),
+                        }
                     }
                     if slot.session.unsaved_acks() == 0 {
                         save_due = None;

@@ -1709,12 +1709,13 @@ impl Replica {
     /// past the compaction threshold (see [`Replica::stage_successors`]),
     /// each in one atomic write: its stored chunks appended to its snapshot
     /// as they are, or, for a snapshot past `RAW_SNAPSHOT_MAX`, the document
-    /// loaded and saved whole. A document changed since in any other way is
+    /// loaded and saved whole (one such a call). A document changed since in any other way is
     /// skipped: the path that changed it compacts it when due. Returns how
     /// many documents are still waiting. The engine calls it when a session
     /// has nothing to send.
     pub fn compact_deferred(&mut self, max: usize) -> Result<usize, ReplicaError> {
         let due: Vec<DocId> = self.deferred.keys().take(max).cloned().collect();
+        let mut loaded_one = false;
         for doc in due {
             let Some((generation, chunks, head)) = self.deferred.remove(&doc) else {
                 continue;
@@ -1734,10 +1735,20 @@ impl Replica {
             }
             let saved = match self.store.stored_bytes(&doc, &entry, RAW_SNAPSHOT_MAX)? {
                 Some(saved) => saved,
-                None => match self.store.load(&doc)? {
-                    Some((mut am, _)) => am.save(),
-                    None => continue,
-                },
+                // Past the cap: loaded and saved whole, which takes
+                // milliseconds; one such document a call, the others left
+                // for the next.
+                None if !loaded_one => {
+                    loaded_one = true;
+                    match self.store.load(&doc)? {
+                        Some((mut am, _)) => am.save_nocompress(),
+                        None => continue,
+                    }
+                }
+                None => {
+                    self.deferred.insert(doc, (generation, chunks, head));
+                    continue;
+                }
             };
             let mut batch = Batch::default();
             self.store
