@@ -920,9 +920,10 @@ impl World {
             match slot.session.poll_transmit(replica, &self.roster) {
                 Ok(Some(m)) => out.push(m),
                 // Nothing to send: the engine compacts what receiving
-                // left due.
+                // left due, as many documents a turn.
                 Ok(None) => {
-                    if let Err(e) = replica.compact_deferred(usize::MAX) {
+                    if let Err(e) = replica.compact_deferred(outpost_sync::engine::COMPACT_PER_TURN)
+                    {
                         error = Some(e.into());
                     }
                     break;

@@ -70,8 +70,8 @@ const ACK_SAVE_DELAY: Duration = Duration::from_secs(1);
 const ACKS_HELD_MAX: usize = 4096;
 
 /// Documents an idle session compacts (see [`Replica::compact_deferred`])
-/// before it lets the other tasks run.
-const COMPACT_PER_TURN: usize = 8;
+/// before it lets the other tasks run. The simulation compacts as many.
+pub const COMPACT_PER_TURN: usize = 8;
 
 /// How often an idle session refreshes its per-peer gauges.
 const IDLE_REFRESH: Duration = Duration::from_secs(5);
