@@ -289,7 +289,7 @@ const META_INCARNATION: &[u8] = b"incarnation";
 const META_CLOCK: &[u8] = b"clock";
 /// The largest snapshot compacted by appending a peer's straight line of
 /// changes to it as they are (see [`Replica::stage_successors`]); a larger
-/// one is loaded and saved whole, in automerge's compressed form.
+/// one is loaded and saved whole by automerge.
 const RAW_SNAPSHOT_MAX: usize = 64 << 10;
 /// How far ahead of a timestamp the clock's lease is saved ([`Replica::tick`]).
 pub const CLOCK_LEASE_MS: u64 = 1_000;
@@ -1583,13 +1583,7 @@ impl Replica {
         changes: &[Change],
         entry: Option<&IndexEntry>,
     ) -> Result<Option<Applied>, ReplicaError> {
-        if changes.is_empty()
-            || self.idle.contains(doc)
-            || self
-                .cache
-                .peek(doc)
-                .is_some_and(|l| l.stale || !l.own.is_empty())
-        {
+        if changes.is_empty() || self.held_in_memory(doc) {
             // A document with own flat writes not applied: the changes are
             // applied the usual way, once it is read again.
             return Ok(None);
@@ -1664,10 +1658,11 @@ impl Replica {
         // would hold one change in `compact_after_chunks` by that much. Up
         // to twice the threshold; past it, or with too many documents
         // waiting, it is done here.
-        let defer = self.store.would_compact(&entry, changes.len())
+        let due = self.store.would_compact(&entry, changes.len());
+        let defer = due
             && !self.store.would_compact_twice(&entry, changes.len())
             && (self.deferred.len() < DEFERRED_MAX || self.deferred.contains_key(doc));
-        if self.store.would_compact(&entry, changes.len()) && !defer {
+        if due && !defer {
             // Compacted without automerge: the stored chunks and these
             // changes appended to the snapshot as they are. Loading the
             // document and saving it whole would cost milliseconds here. A
@@ -1705,6 +1700,18 @@ impl Replica {
         }))
     }
 
+    /// Whether the replica holds writes of `doc` in memory that its stored
+    /// record does not have in full (own flat writes not applied, or a
+    /// stale loaded copy): its stored chunks are then not to be extended or
+    /// compacted without automerge.
+    fn held_in_memory(&self, doc: &DocId) -> bool {
+        self.idle.contains(doc)
+            || self
+                .cache
+                .peek(doc)
+                .is_some_and(|l| l.stale || !l.own.is_empty())
+    }
+
     /// Compacts up to `max` of the documents a peer's straight line left
     /// past the compaction threshold (see [`Replica::stage_successors`]),
     /// each in one atomic write: its stored chunks appended to its snapshot
@@ -1725,12 +1732,7 @@ impl Replica {
             };
             let unchanged =
                 entry.generation == generation && entry.chunks == chunks && entry.heads == [head];
-            let held = self.idle.contains(&doc)
-                || self
-                    .cache
-                    .peek(&doc)
-                    .is_some_and(|l| l.stale || !l.own.is_empty());
-            if !unchanged || held || !self.store.would_compact(&entry, 0) {
+            if !unchanged || self.held_in_memory(&doc) || !self.store.would_compact(&entry, 0) {
                 continue;
             }
             let saved = match self.store.stored_bytes(&doc, &entry, RAW_SNAPSHOT_MAX)? {
